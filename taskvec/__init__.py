@@ -1,0 +1,15 @@
+"""Streaming task vectors over safetensors checkpoints and LoRA adapters.
+
+    import taskvec
+    taskvec.negate("llama2-7b", "runs/sku/theta_bad", "runs/sku/model", scale=1.0)
+
+Every operation plans from headers, streams tensors in bounded memory, computes in fp32,
+rounds once, and writes atomically (temporary sibling, fsync, rename).
+"""
+
+from taskvec.arithmetic import apply, diff, negate, negate_adapter
+from taskvec.errors import TaskVecError
+from taskvec.inspect import info, verify
+from taskvec.resolve import resolve
+
+__all__ = ["TaskVecError", "apply", "diff", "info", "negate", "negate_adapter", "resolve", "verify"]

@@ -1,0 +1,5 @@
+import sys
+
+from taskvec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,2 @@
+class TaskVecError(Exception):
+    """Bad input or a refused operation. The message is one line naming the file (and tensor)."""

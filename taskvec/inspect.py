@@ -1,0 +1,113 @@
+"""`taskvec info` and `taskvec verify`: what a checkpoint, vector or adapter holds, and whether
+its files are sound."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from taskvec.adapter import Adapter, is_adapter
+from taskvec.arithmetic import PROVENANCE_NAME
+from taskvec.errors import TaskVecError
+from taskvec.reader import DTYPES, FLOAT_DTYPES, Checkpoint, read_header
+from taskvec.resolve import resolve
+
+BLOCK_ELEMS = 1 << 20
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    """Group key for per-layer norms: 'layers.7', or the tensor's own name outside layers."""
+    match = _LAYER.search(name)
+    return f"layers.{match[1]}" if match else name.removeprefix("base_model.model.")
+
+
+def _kind(path: Path) -> str:
+    if is_adapter(path):
+        return "lora_adapter"
+    provenance = path / PROVENANCE_NAME if path.is_dir() else None
+    if provenance and provenance.is_file():
+        if json.loads(provenance.read_text()).get("kind") == "task_vector":
+            return "task_vector"
+    return "model"
+
+
+def _dtype_name(code: str) -> str:
+    return str(DTYPES[code]).removeprefix("torch.")
+
+
+def _sorted_layers(sums: dict[str, float]) -> dict[str, float]:
+    def key(name):
+        match = re.fullmatch(r"layers\.(\d+)", name)
+        return (0, int(match[1]), "") if match else (1, 0, name)
+    return {k: sums[k] ** 0.5 for k in sorted(sums, key=key)}
+
+
+def info(path) -> dict:
+    """Kind, tensor count, dtypes, bytes; per-layer delta norms for vectors and adapters."""
+    path = resolve(path)
+    kind = _kind(path)
+    adapter = Adapter(path) if kind == "lora_adapter" else None
+    ckpt = adapter.checkpoint if adapter else Checkpoint(path)
+    tensors = ckpt.tensors.values()
+    result = {
+        "path": str(path), "kind": kind, "tensors": len(tensors),
+        "dtypes": dict(Counter(_dtype_name(t.dtype) for t in tensors)),
+        "bytes": sum(t.nbytes for t in tensors),
+    }
+    squares: dict[str, float] = defaultdict(float)
+    if adapter:
+        for edit in adapter.edits.values():
+            if edit.lora is not None:
+                squares[layer_of(edit.name)] += adapter.delta_norm(edit.lora) ** 2
+    elif kind == "task_vector":
+        buffer = bytearray(BLOCK_ELEMS * 8)
+        for t in tensors:
+            if t.dtype in FLOAT_DTYPES:
+                for block in ckpt.iter_blocks(t, BLOCK_ELEMS, buffer):
+                    squares[layer_of(t.name)] += block.double().square().sum().item()
+    ckpt.close()
+    if squares:
+        result["layer_norms"] = _sorted_layers(squares)
+    return result
+
+
+def _check_layout(path: Path) -> None:
+    """The data region must be covered exactly: no holes, overlaps or trailing bytes."""
+    _, tensors = read_header(path)
+    with open(path, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+    expected = data_start
+    for t in tensors:
+        if t.offset != expected:
+            what = "overlaps the previous tensor" if t.offset < expected else "leaves a hole"
+            raise TaskVecError(f"{path}: tensor {t.name}: data offset {t.offset - data_start} "
+                               f"{what} (expected {expected - data_start})")
+        expected += t.nbytes
+    size = path.stat().st_size
+    if size != expected:
+        raise TaskVecError(f"{path}: {size - expected} trailing bytes after the last tensor")
+
+
+def verify(path) -> dict:
+    """Check headers, offsets, index coverage and that every float value is finite."""
+    path = resolve(path)
+    ckpt = Adapter(path).checkpoint if is_adapter(path) else Checkpoint(path)
+    try:
+        for shard in ckpt.shards:
+            _check_layout(ckpt.folder / shard if ckpt.path.is_dir() else ckpt.path)
+        buffer = bytearray(BLOCK_ELEMS * 8)
+        for t in ckpt.tensors.values():
+            if t.dtype not in FLOAT_DTYPES:
+                continue
+            for block in ckpt.iter_blocks(t, BLOCK_ELEMS, buffer):
+                if not torch.isfinite(block).all():
+                    raise TaskVecError(f"{t.path}: tensor {t.name}: holds NaN/Inf")
+    finally:
+        ckpt.close()
+    return {"path": str(path), "kind": _kind(path), "shards": len(ckpt.shards),
+            "tensors": len(ckpt.tensors), "bytes": sum(t.nbytes for t in ckpt.tensors.values())}

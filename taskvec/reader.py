@@ -1,0 +1,240 @@
+"""Safetensors checkpoints described from their headers, read with explicit reads.
+
+This module only knows files: it parses and validates headers and index files and reads byte
+ranges into caller-owned buffers. It never maps a file (mmap would count every touched page in
+the process's RSS) and never holds a whole tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from taskvec.errors import TaskVecError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# safetensors dtype code -> torch dtype (the item size follows from it)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+# Dtypes we do arithmetic on; everything else passes through from the base unchanged.
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPES[dtype].itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    path: Path  # the shard that holds it
+    offset: int  # absolute byte offset of its data in that file
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def rows(self) -> int:
+        """Leading dimension: the unit in which large tensors are streamed."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+
+def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
+    """Parse and validate one safetensors file's header; tensors are returned in offset order."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise TaskVecError(f"{path}: truncated: shorter than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8:
+                raise TaskVecError(
+                    f"{path}: header length {header_len} bytes runs past the end of the file "
+                    f"({size} bytes): truncated or not a safetensors file"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise TaskVecError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TaskVecError(f"{path}: unparsable safetensors header: {e}") from None
+
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError):
+            raise TaskVecError(f"{path}: tensor {name}: malformed header entry {entry!r}") from None
+        if dtype not in DTYPES:
+            raise TaskVecError(f"{path}: tensor {name}: unknown dtype {dtype}")
+        info = TensorInfo(name, dtype, shape, path, data_start + begin)
+        if begin < 0 or end - begin != info.nbytes or min(shape, default=0) < 0:
+            raise TaskVecError(
+                f"{path}: tensor {name}: data_offsets [{begin}, {end}] do not match "
+                f"shape {list(shape)} of {dtype} ({info.nbytes} bytes)"
+            )
+        if data_start + end > size:
+            raise TaskVecError(
+                f"{path}: truncated: tensor {name} ends at byte {data_start + end} "
+                f"but the file has {size} bytes"
+            )
+        tensors.append(info)
+    tensors.sort(key=lambda t: t.offset)
+    return metadata, tensors
+
+
+class Checkpoint:
+    """A safetensors checkpoint (one file, or shards behind an index), from headers only."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict = {}
+        # shard file name -> tensor names in offset order, in the order the shards are listed
+        self.shards: dict[str, list[str]] = {}
+        self.indexed = False
+        self._fds: dict[Path, int] = {}
+        self._open()
+
+    @property
+    def folder(self) -> Path:
+        return self.path if self.path.is_dir() else self.path.parent
+
+    def _open(self) -> None:
+        if self.path.is_file():
+            self._add_shard(self.path)
+            return
+        if not self.path.is_dir():
+            raise TaskVecError(f"{self.path}: no such file or folder")
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            self._open_index(index)
+            return
+        files = sorted(self.path.glob("*.safetensors"))
+        if (self.path / SINGLE_NAME).is_file():
+            files = [self.path / SINGLE_NAME]
+        if len(files) != 1:
+            found = ", ".join(p.name for p in self.path.iterdir() if p.suffix in {".bin", ".pt"})
+            hint = f" (found {found}: convert it to safetensors first)" if found else ""
+            what = "no" if not files else "several unindexed"
+            raise TaskVecError(f"{self.path}: {what} safetensors files and no {INDEX_NAME}{hint}")
+        self._add_shard(files[0])
+
+    def _open_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise ValueError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TaskVecError(f"{index}: unparsable index: {e}") from None
+        self.indexed = True
+        for shard in dict.fromkeys(weight_map.values()):
+            shard_path = self.path / shard
+            if not shard_path.is_file():
+                raise TaskVecError(f"{index}: missing shard {shard} referenced by the index")
+            self._add_shard(shard_path)
+        for name, shard in weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.path.name != shard:
+                raise TaskVecError(f"{index}: tensor {name} is not in its shard {shard}")
+        unindexed = set(self.tensors) - set(weight_map)
+        if unindexed:
+            name = sorted(unindexed)[0]
+            raise TaskVecError(
+                f"{index}: tensor {name} in shard {self.tensors[name].path.name} "
+                f"is missing from the index ({len(unindexed)} such tensors)"
+            )
+
+    def _add_shard(self, path: Path) -> None:
+        metadata, tensors = read_header(path)
+        self.metadata.update(metadata)
+        names = []
+        for info in tensors:
+            if info.name in self.tensors:
+                raise TaskVecError(f"{path}: tensor {info.name} also appears in another shard")
+            self.tensors[info.name] = info
+            names.append(info.name)
+        self.shards[path.name] = names
+
+    def read_into(self, info: TensorInfo, first_row: int, n_rows: int, buffer) -> memoryview:
+        """Read rows [first_row, first_row + n_rows) of a tensor into `buffer`; return the view."""
+        row_bytes = info.row_numel * itemsize(info.dtype)
+        view = memoryview(buffer)[: n_rows * row_bytes]
+        fd = self._fds.get(info.path)
+        if fd is None:
+            fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
+        offset, done = info.offset + first_row * row_bytes, 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise TaskVecError(f"{info.path}: tensor {info.name}: file ended early (truncated)")
+            done += n
+        return view
+
+    def iter_blocks(self, info: TensorInfo, block_elems: int, buffer: bytearray):
+        """Typed views over consecutive row blocks of a tensor (the buffer is reused)."""
+        rows_per_block = max(1, block_elems // max(1, info.row_numel))
+        for r0 in range(0, info.rows if info.numel else 0, rows_per_block):
+            n_rows = min(rows_per_block, info.rows - r0)
+            yield as_tensor(self.read_into(info, r0, n_rows, buffer), info.dtype)
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """A whole (small) tensor, e.g. a LoRA factor."""
+        info = self.tensors[name]
+        buffer = bytearray(info.nbytes)
+        self.read_into(info, 0, info.rows, buffer)
+        return as_tensor(buffer, info.dtype).reshape(info.shape).clone()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def as_tensor(buffer, dtype: str) -> torch.Tensor:
+    """A typed torch view over raw bytes (no copy)."""
+    if len(buffer) == 0:
+        return torch.empty(0, dtype=DTYPES[dtype])
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(DTYPES[dtype])
