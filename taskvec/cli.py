@@ -14,8 +14,8 @@ def _writer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (refused if it exists)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--max-shard-size", help="re-shard the output, e.g. 2GB (default: as the base)")
-    p.add_argument("--buffer-mb", type=float, default=8.0,
-                   help="streaming block size in MB of fp32 (peak memory scales with it)")
+    p.add_argument("--buffer-mb", type=float,
+                   help="streaming block size in MB of fp32 (default 2; memory scales with it)")
     p.add_argument("--allow-vocab-mismatch", action="store_true",
                    help="edit only the rows both sides share when vocabulary sizes differ")
 
@@ -73,8 +73,9 @@ def _run(args: argparse.Namespace) -> None:
     import taskvec
 
     writer = {"force": args.force, "max_shard_size": args.max_shard_size,
-              "allow_vocab_mismatch": args.allow_vocab_mismatch,
-              "buffer_mb": args.buffer_mb} if hasattr(args, "out") else {}
+              "allow_vocab_mismatch": args.allow_vocab_mismatch} if hasattr(args, "out") else {}
+    if getattr(args, "buffer_mb", None):
+        writer["buffer_mb"] = args.buffer_mb
     if args.command == "diff":
         out = taskvec.diff(args.base, args.tuned, args.out, dtype=args.dtype, **writer)
     elif args.command == "apply":

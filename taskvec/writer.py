@@ -8,10 +8,12 @@ at the destination and no temporary folder behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from taskvec.errors import TaskVecError
@@ -85,40 +87,80 @@ class OutputDir:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-class ShardWriter:
-    """Writes one safetensors file: header first (all sizes known up front), then the data
-    of each tensor in the declared order, through `write`."""
+class CheckpointWriter:
+    """Writes safetensors shards into a folder: each shard's header first (all sizes are known
+    up front), then its tensors' bytes in the declared order.
 
-    def __init__(self, path: Path, specs: Iterable[tuple[str, str, tuple[int, ...]]], metadata):
+    Writes run on one background thread from a pool of two buffers, so the caller fills one
+    block while the previous one is being copied to the page cache.
+    """
+
+    def __init__(self, folder: Path, block_bytes: int):
+        self.folder = folder
+        self._buffers = [bytearray(block_bytes), bytearray(block_bytes)]
+        self._pending: list[Future | None] = [None, None]
+        self._turn = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-writer")
+        self._file = None
+        self._path: Path | None = None
+        self._expected = self._written = 0
+
+    def begin_shard(self, name: str, specs: Iterable[tuple[str, str, tuple[int, ...]]],
+                    metadata: dict) -> None:
+        self._finish_shard()
         header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
         offset = 0
-        for name, dtype, shape in specs:
-            nbytes = itemsize(dtype)
-            for dim in shape:
-                nbytes *= dim
-            header[name] = {"dtype": dtype, "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+        for tensor, dtype, shape in specs:
+            nbytes = itemsize(dtype) * math.prod(shape)
+            header[tensor] = {"dtype": dtype, "shape": list(shape),
+                              "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the reference implementation aligns data to 8 bytes
-        self.path = path
-        self.data_bytes = offset
-        self.written = 0
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self._path, self._expected, self._written = self.folder / name, offset, 0
+        self._file = open(self._path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
 
-    def write(self, data) -> None:
-        self.file.write(data)
-        self.written += len(data)
+    def buffer(self, nbytes: int) -> memoryview:
+        """A free block buffer to fill, then pass to `write`."""
+        self._wait(self._turn)
+        return memoryview(self._buffers[self._turn])[:nbytes]
+
+    def write(self, view: memoryview) -> None:
+        self._pending[self._turn] = self._executor.submit(self._file.write, view)
+        self._written += len(view)
+        self._turn ^= 1
 
     def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        if self.written != self.data_bytes:
-            raise TaskVecError(
-                f"{self.path}: wrote {self.written} data bytes, header declares {self.data_bytes}"
-            )
+        try:
+            self._finish_shard()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """After a failure: stop writing; the caller discards the folder."""
+        self._executor.shutdown(wait=True)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _wait(self, turn: int) -> None:
+        pending, self._pending[turn] = self._pending[turn], None
+        if pending is not None:
+            pending.result()  # re-raises a failed write (disk full) here
+
+    def _finish_shard(self) -> None:
+        if self._file is None:
+            return
+        self._wait(0)
+        self._wait(1)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        if self._written != self._expected:
+            raise TaskVecError(f"{self._path}: wrote {self._written} data bytes, "
+                               f"header declares {self._expected}")
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
