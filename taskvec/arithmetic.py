@@ -12,6 +12,7 @@ the largest tensor or the model.
 from __future__ import annotations
 
 import datetime
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,9 +77,16 @@ class DeltaSource:
 
     def __init__(self):
         self.rows_limit: dict[str, int] = {}
+        self.vocab_mismatch: set[str] = set()
 
-    def check(self, base: Checkpoint, allow_vocab_mismatch: bool) -> None:
+    def check(self, plan: Plan) -> None:
+        """Validate against the base from headers; fill rows_limit and vocab_mismatch."""
         raise NotImplementedError
+
+    def _cover(self, plan: Plan, info: TensorInfo, other_name: str, shape) -> None:
+        self.rows_limit[info.name] = plan.rows_covered(self.label, other_name, info, shape)
+        if tuple(shape) != info.shape:
+            self.vocab_mismatch.add(info.name)
 
     def delta(self, info: TensorInfo, r0: int, r1: int, base_rows: torch.Tensor,
               out: torch.Tensor, raw: bytearray) -> bool:
@@ -87,20 +95,40 @@ class DeltaSource:
         raise NotImplementedError
 
 
-def _check_shapes(label: str, name: str, base: TensorInfo, shape, allow: bool) -> int:
-    """Rows of the tensor the arithmetic covers; raises on any mismatch that is not allowed."""
-    if tuple(shape) == base.shape:
-        return base.rows
-    vocab_like = len(shape) == len(base.shape) >= 1 and tuple(shape[1:]) == base.shape[1:]
-    if vocab_like and allow:
-        return min(base.rows, shape[0])
-    if vocab_like:
-        raise TaskVecError(
-            f"{label}: tensor {name}: vocabulary-size mismatch: {shape[0]} rows vs the base's "
-            f"{base.rows} (pass --allow-vocab-mismatch to edit the common rows and keep the "
-            "base's others)")
-    raise TaskVecError(f"{label}: tensor {name}: shape {list(shape)} does not match the base's "
-                       f"{list(base.shape)}")
+_VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|output\.weight$")
+
+
+def vocab_size(folder: Path) -> int | None:
+    """The base's vocabulary size from its config.json (None when unknown)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+
+@dataclass
+class Plan:
+    base: Checkpoint
+    allow_vocab_mismatch: bool
+    vocab_size: int | None
+
+    def rows_covered(self, label: str, name: str, base: TensorInfo, shape) -> int:
+        """Rows both sides share; raises on a mismatch that is not an allowed vocabulary one."""
+        if tuple(shape) == base.shape:
+            return base.rows
+        vocab_tensor = (len(shape) == len(base.shape) == 2 and shape[1] == base.shape[1]
+                        and (base.rows == self.vocab_size if self.vocab_size
+                             else bool(_VOCAB_NAMES.search(name))))
+        if vocab_tensor and self.allow_vocab_mismatch:
+            return min(base.rows, shape[0])
+        if vocab_tensor:
+            raise TaskVecError(
+                f"{label}: tensor {name}: vocabulary-size mismatch: {shape[0]} rows vs the "
+                f"base's {base.rows} (pass --allow-vocab-mismatch to edit the common rows and "
+                "keep the base's others)")
+        raise TaskVecError(f"{label}: tensor {name}: shape {list(shape)} does not match the "
+                           f"base's {list(base.shape)}")
 
 
 def _read_fp32(ckpt: Checkpoint, info: TensorInfo, r0: int, r1: int, raw: bytearray,
@@ -123,7 +151,8 @@ class FullDelta(DeltaSource):
         self.checkpoint = tuned
         self.label = str(tuned.path)
 
-    def check(self, base: Checkpoint, allow_vocab_mismatch: bool) -> None:
+    def check(self, plan: Plan) -> None:
+        base = plan.base
         _missing(str(base.path), self.label, base.tensors, self.checkpoint.tensors)
         _missing(self.label, str(base.path), self.checkpoint.tensors, base.tensors)
         for name, info in base.tensors.items():
@@ -131,8 +160,7 @@ class FullDelta(DeltaSource):
             if other.dtype != info.dtype:
                 raise TaskVecError(f"{self.label}: tensor {name}: dtype {other.dtype} does not "
                                    f"match the base's {info.dtype}")
-            self.rows_limit[name] = _check_shapes(self.label, name, info, other.shape,
-                                                  allow_vocab_mismatch)
+            self._cover(plan, info, name, other.shape)
 
     def delta(self, info, r0, r1, base_rows, out, raw):
         if r0 >= self.rows_limit[info.name]:
@@ -150,7 +178,8 @@ class VectorDelta(DeltaSource):
         self.checkpoint = vector
         self.label = str(vector.path)
 
-    def check(self, base: Checkpoint, allow_vocab_mismatch: bool) -> None:
+    def check(self, plan: Plan) -> None:
+        base = plan.base
         _missing(str(base.path), self.label, base.tensors, self.checkpoint.tensors)
         _missing(self.label, str(base.path), self.checkpoint.tensors, base.tensors)
         for name, info in base.tensors.items():
@@ -158,8 +187,7 @@ class VectorDelta(DeltaSource):
             if info.dtype in FLOAT_DTYPES and other.dtype not in FLOAT_DTYPES:
                 raise TaskVecError(f"{self.label}: tensor {name}: dtype {other.dtype} is not a "
                                    "float type")
-            self.rows_limit[name] = _check_shapes(self.label, name, info, other.shape,
-                                                  allow_vocab_mismatch)
+            self._cover(plan, info, name, other.shape)
 
     def delta(self, info, r0, r1, base_rows, out, raw):
         if r0 >= self.rows_limit[info.name]:
@@ -186,18 +214,16 @@ class AdapterDelta(DeltaSource):
         self.bound: dict[str, _BoundEdit] = {}
         self._cached: str | None = None  # tensor whose factors are loaded
 
-    def check(self, base: Checkpoint, allow_vocab_mismatch: bool) -> None:
+    def check(self, plan: Plan) -> None:
         tensors = self.adapter.checkpoint.tensors
-        for name, edit in self.adapter.bind(base.tensors).items():
-            info = base.tensors[name]
+        for name, edit in self.adapter.bind(plan.base.tensors).items():
+            info = plan.base.tensors[name]
             bound = self.bound[name] = _BoundEdit(edit)
             self.rows_limit[name] = info.rows
             if info.dtype not in FLOAT_DTYPES:
                 raise TaskVecError(f"{self.label}: adapter edits {name}, a {info.dtype} tensor")
             if edit.replacement is not None:
-                self.rows_limit[name] = _check_shapes(
-                    self.label, edit.replacement, info, tensors[edit.replacement].shape,
-                    allow_vocab_mismatch)
+                self._cover(plan, info, edit.replacement, tensors[edit.replacement].shape)
             if edit.lora is not None:
                 bound.transposed = self.adapter.transposed(edit.lora, info.shape)
                 shape = self.adapter.delta_shape(edit.lora, bound.transposed)
@@ -357,15 +383,15 @@ def _write_checkpoint(operation: str, kind: str, base_arg, terms_args, out, *, a
     base = Checkpoint(resolve(base_arg, "base"))
     terms = [Term(scale, _open_source(resolve(arg, role))) for arg, scale, role in terms_args]
     try:
+        plan = Plan(base, allow_vocab_mismatch, vocab_size(base.folder))
         for term in terms:  # the whole plan is checked before anything is written
-            term.source.check(base, allow_vocab_mismatch)
+            term.source.check(plan)
         code = DTYPE_NAMES[dtype] if dtype else None
 
         def out_dtype(info: TensorInfo) -> str:
             return code if code and info.dtype in FLOAT_DTYPES else info.dtype
 
-        mismatched = sorted({name for t in terms for name, rows in t.source.rows_limit.items()
-                             if rows != base.tensors[name].rows})
+        mismatched = sorted(set().union(*(t.source.vocab_mismatch for t in terms)))
         with OutputDir(Path(out), force) as folder:
             _stream(base, terms, folder, add_base=add_base, out_dtype=out_dtype,
                     max_shard_size=parse_size(max_shard_size), buffer_mb=buffer_mb)
