@@ -1,0 +1,334 @@
+"""Forget and normal data: file and hub readers, the prompt template, tokenisation with answer
+positions, seeded evaluation splits and the per-step row schedule.
+
+Forget data is PKU-SafeRLHF (v0 or v1 schema; only the five columns both share are read) or a
+plain `{prompt, response[, is_safe]}` file. Normal data is TruthfulQA's `generation` config
+(hub column names or the original CSV headers) or a plain `{prompt, response}` file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from sku.errors import SkuError
+
+PROMPT_TEMPLATE = "### Question: {prompt}\n ### Answer:"  # the response follows after a space
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    config: str | None
+    split: str
+    revision: str | None
+
+
+# Pinned so that a run by id is reproducible; `ID@REVISION` picks another (PKU's old schema: @v0).
+HUB_DATASETS = {
+    "PKU-Alignment/PKU-SafeRLHF": HubDataset(
+        None, "train", "d79b19b2043c4b168d8d64c61ef4ba4ed1ffe2c0"),
+    "truthfulqa/truthful_qa": HubDataset(
+        "generation", "validation", "741b8276f2d1982aa3d5b832d3ee81ed3b896490"),
+}
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")
+_PKU_COLUMNS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe")
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+class Pair(NamedTuple):
+    prompt: str
+    response: str
+    record: int  # index of the source record, so splits.json can point back into the data
+
+
+@dataclass
+class ForgetData:
+    source: str
+    harmful: list[Pair]
+    safe: list[Pair]
+
+
+@dataclass
+class NormalData:
+    source: str
+    pairs: list[Pair]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records
+
+
+def _read_jsonl(path: Path, text: str) -> list:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SkuError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def _read_json(path: Path, text: str) -> list:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path, text)  # `Dataset.to_json` writes JSON lines to *.json
+    return data if isinstance(data, list) else [data]
+
+
+def _read_csv(path: Path, text: str) -> list:
+    return list(csv.DictReader(text.splitlines(keepends=True)))
+
+
+def _read_parquet(path: Path) -> list:
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise SkuError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); "
+                       "or convert the file to .jsonl or .csv") from None
+    return pyarrow.parquet.read_table(path).to_pylist()
+
+
+_TEXT_READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv}
+
+
+def _read_file(path: Path) -> list:
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    reader = _TEXT_READERS.get(path.suffix)
+    if reader is None:
+        raise SkuError(f"{path}: unsupported file type; expected .json, .jsonl, .csv or .parquet")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SkuError(f"{path}: unreadable: {e}") from None
+    return reader(path, text)
+
+
+def _read_hub(source: str) -> tuple[str, list]:
+    dataset_id, _, revision = source.partition("@")
+    spec = HUB_DATASETS.get(dataset_id, HubDataset(None, "train", None))
+    revision = revision or spec.revision
+    try:
+        import datasets
+    except ImportError:
+        raise SkuError(f"{source}: loading a dataset by id needs the `datasets` package "
+                       "(pip install datasets); or pass a local .jsonl/.json/.csv/.parquet file"
+                       ) from None
+    try:
+        dataset = datasets.load_dataset(dataset_id, spec.config, split=spec.split,
+                                        revision=revision)
+    except Exception as e:  # the hub client raises many types; the user needs the first line
+        raise SkuError(f"{source}: could not load it: {str(e).splitlines()[0]}") from None
+    return f"{dataset_id}@{revision}" if revision else dataset_id, dataset.to_list()
+
+
+def read_records(source: str) -> tuple[str, list[dict]]:
+    """(resolved source, records with normalised column names) from a file or a hub id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        resolved, records = str(path), _read_file(path)
+    elif path.exists():
+        raise SkuError(f"{source}: is a folder; expected a .jsonl, .json, .csv or .parquet file")
+    elif _HUB_ID.fullmatch(source) and path.suffix not in {*_TEXT_READERS, ".parquet"}:
+        resolved, records = _read_hub(source)
+    else:
+        raise SkuError(f"{source}: no such file")
+    if not records:
+        raise SkuError(f"{resolved}: no records")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise SkuError(f"{resolved}: record {index} is not an object")
+    return resolved, [{re.sub(r"[\s-]+", "_", str(k).strip().lower()): v for k, v in r.items()}
+                      for r in records]
+
+
+def _require(source: str, records: list[dict], schemas: dict[str, tuple[str, ...]]) -> str:
+    """The name of the first schema whose columns every record has, or a one-line error."""
+    for name, columns in schemas.items():
+        if all(c in record for record in records for c in columns):
+            return name
+    present = set(records[0])
+    expected = " or ".join(f"({', '.join(c)})" for c in schemas.values())
+    closest = min(schemas.values(), key=lambda c: len(set(c) - present))
+    missing = [c for c in closest if any(c not in r for r in records)]
+    raise SkuError(f"{source}: missing columns {', '.join(missing)}; expected columns {expected}")
+
+
+def _text(value) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _as_bool(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise SkuError(f"{where}: {value!r} is not a boolean")
+
+
+def _unique(pairs: Iterable[Pair]) -> list[Pair]:
+    """Drop empty texts and repeated (prompt, response) pairs, keeping the first record."""
+    first: dict[tuple[str, str], Pair] = {}
+    for pair in pairs:
+        if pair.prompt and pair.response:
+            first.setdefault((pair.prompt, pair.response), pair)
+    return list(first.values())
+
+
+def load_forget(source: str) -> ForgetData:
+    """Harmful (unsafe) and safe prompt-response pairs."""
+    resolved, records = read_records(source)
+    schema = _require(resolved, records, {"pku": _PKU_COLUMNS, "plain": ("prompt", "response")})
+    harmful, safe = [], []
+    for index, record in enumerate(records):
+        prompt = _text(record["prompt"])
+        if schema == "pku":
+            labelled = [(record[f"response_{i}"], record[f"is_response_{i}_safe"]) for i in (0, 1)]
+        else:
+            labelled = [(record["response"], record.get("is_safe", False))]
+        for response, is_safe in labelled:
+            pair = Pair(prompt, _text(response), index)
+            is_safe = _as_bool(is_safe, f"{resolved}: record {index}")
+            (safe if is_safe else harmful).append(pair)
+    harmful = _unique(harmful)
+    if not harmful:
+        raise SkuError(f"{resolved}: no harmful (unsafe) responses")
+    return ForgetData(resolved, harmful, _unique(safe))
+
+
+def _answers(value) -> list[str]:
+    """TruthfulQA's correct answers: a list (hub) or one ';'-joined string (original CSV)."""
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                return _answers(json.loads(value))
+            except json.JSONDecodeError:
+                pass
+        return value.split(";")
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def load_normal(source: str) -> NormalData:
+    """Normal pairs: TruthfulQA's best answer and each correct answer, or plain pairs."""
+    resolved, records = read_records(source)
+    schema = _require(resolved, records, {"truthfulqa": ("question", "best_answer"),
+                                          "plain": ("prompt", "response")})
+    pairs = []
+    for index, record in enumerate(records):
+        if schema == "plain":
+            pairs.append(Pair(_text(record["prompt"]), _text(record["response"]), index))
+            continue
+        question = _text(record["question"])
+        answers = [record["best_answer"], *_answers(record.get("correct_answers"))]
+        pairs.extend(Pair(question, _text(a), index) for a in answers)
+    pairs = _unique(pairs)
+    if not pairs:
+        raise SkuError(f"{resolved}: no question-answer pairs")
+    return NormalData(resolved, pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    answer_start: int  # input_ids[answer_start:] are the answer's tokens
+
+    @property
+    def answer_tokens(self) -> int:
+        return len(self.input_ids) - self.answer_start
+
+
+def encode(tokenizer, pairs: Sequence[Pair], max_length: int) -> list[Encoded]:
+    """Template, tokenise and truncate. The answer starts at the first token whose character
+    span reaches into the response, so a token merging the separating space with the answer's
+    first word belongs to the answer; this needs a fast tokenizer's offsets."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise SkuError(f"{tokenizer.name_or_path}: a fast tokenizer is needed "
+                       "(answer positions come from its character offsets)")
+    heads = [PROMPT_TEMPLATE.format(prompt=p.prompt) for p in pairs]
+    texts = [f"{head} {p.response}" for head, p in zip(heads, pairs, strict=True)]
+    batch = tokenizer(texts, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    encoded = []
+    for ids, offsets, head in zip(batch["input_ids"], batch["offset_mapping"], heads,
+                                  strict=True):
+        response_start = len(head) + 1
+        start = next((i for i, (_, end) in enumerate(offsets) if end > response_start), len(ids))
+        encoded.append(Encoded(list(ids), start))
+    return encoded
+
+
+def with_answers(tokenizer, pairs: list[Pair], max_length: int, chunk: int = 2048) -> list[Pair]:
+    """Pairs whose answer keeps at least one token after truncation to max_length."""
+    kept = []
+    for i in range(0, len(pairs), chunk):
+        part = pairs[i:i + chunk]
+        kept += [p for p, e in zip(part, encode(tokenizer, part, max_length), strict=True)
+                 if e.answer_tokens > 0]
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and schedules
+
+
+class Schedule:
+    """The rows of a pool for each optimizer step: one seeded permutation per epoch, so the
+    rows of step s are a pure function of (seed, s) and resuming needs no loader state."""
+
+    def __init__(self, size: int, batch_size: int, seed: str):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self._epoch, self._order = -1, []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            self._order = random.Random(f"{self.seed}/epoch{epoch}").sample(
+                range(self.size), self.size)
+            self._epoch = epoch
+        return self._order
+
+    def rows(self, step: int) -> list[int]:
+        first = step * self.batch_size
+        return [self._permutation(i // self.size)[i % self.size]
+                for i in range(first, first + self.batch_size)]
+
+
+def first_per_prompt(pairs: Iterable[Pair]) -> list[Pair]:
+    first: dict[str, Pair] = {}
+    for pair in pairs:
+        first.setdefault(pair.prompt, pair)
+    return list(first.values())
+
+
+def hold_out(pairs: list[Pair], size: int, seed: str) -> tuple[list[Pair], list[Pair]]:
+    """(pairs to train on, held-out prompts): up to `size` prompts, at most a quarter of them,
+    set aside with every pair that has them."""
+    prompts = first_per_prompt(pairs)
+    held = random.Random(seed).sample(prompts, min(size, len(prompts) // 4))
+    held_prompts = {p.prompt for p in held}
+    return [p for p in pairs if p.prompt not in held_prompts], held
+
+
+def visited_prompts(pool: list[Pair], schedule: Schedule, steps: int,
+                    size: int, seed: str) -> list[Pair]:
+    """Up to `size` prompts that the first `steps` steps of `schedule` train on."""
+    rows = sorted({row for step in range(steps) for row in schedule.rows(step)})
+    prompts = first_per_prompt(pool[row] for row in rows)
+    return random.Random(seed).sample(prompts, min(size, len(prompts)))
+
+
+def splits_json(splits: dict[str, list[Pair]], **provenance) -> dict:
+    return {**provenance, **{name: [{"record": p.record, "prompt": p.prompt} for p in prompts]
+                             for name, prompts in splits.items()}}

@@ -1,0 +1,481 @@
+"""`sku eval`: generate responses to a run's evaluation prompts, judge them, score utility.
+
+    EVAL/metrics.json        harmful rates, perplexities, BLEURT: original, final, and per step
+    EVAL/responses.jsonl     every response with its verdict and per-sample scores
+    EVAL/generations/        generated responses, keyed by model, prompts and decoding
+    EVAL/judge-cache.jsonl   verdicts of paid judges (append-only; a rerun asks only the rest)
+
+The model at step s of a negating method is θ_o − λ·(θ_s − θ_o): a snapshot (LoRA adapter or
+task vector θ_s − θ_o, see sku/unlearn.py) is negated with taskvec before it is loaded. The
+original model's responses are generated once per prompts and decoding settings, and reused
+(BLEURT compares against them; pass the same --original-cache to share them between runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from sku.data import PROMPT_TEMPLATE
+from sku.errors import SkuError
+from sku.judge import CATEGORIES, PROMPT_VERSION, VerdictCache, judge_pairs, make_judge
+
+SPLITS = ("unlearned_harmful", "unseen_harmful", "normal")
+HARMFUL_SPLITS = SPLITS[:2]
+STOP_TEXT = "### Question:"  # the template's next turn: what follows is not this answer
+FORMAT = "sku-eval/1"
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Fixed generation settings, recorded in metrics.json (greedy by default)."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    stop: str = STOP_TEXT
+
+
+@dataclass
+class EvalOptions:
+    judge: str = "keyword"
+    judge_model: str | None = None
+    base_url: str | None = None
+    max_retries: int = 6
+    concurrency: int = 8
+    judge_cache: str | None = None  # default: EVAL/judge-cache.jsonl
+    ppl_model: str | None = None
+    ppl_condition: str = "none"  # see sku.metrics.CONDITIONING
+    bleurt: str | None = None
+    steps: bool = False
+    model: str | None = None  # evaluate this folder instead of RUN/model
+    original_cache: str | None = None  # default: EVAL/generations
+    decoding: Decoding = dataclasses.field(default_factory=Decoding)
+    dtype: str = "auto"
+    force: bool = False
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A temporary sibling, fsynced, then renamed: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _progress(message: str) -> None:
+    print(f"sku eval: {message}", file=sys.stderr, flush=True)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SkuError(f"{path}: no such file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise SkuError(f"{path}: unreadable: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder
+
+
+def load_splits(path: Path) -> dict[str, list[str]]:
+    """Prompts of each evaluation split from splits.json: lists of {prompt, ...} or strings."""
+    data = _read_json(path)
+    splits = {}
+    for name in SPLITS:
+        items = data.get(name)
+        if not isinstance(items, list):
+            raise SkuError(f"{path}: no list {name!r} (expected keys {', '.join(SPLITS)})")
+        prompts = [item.get("prompt") if isinstance(item, dict) else item for item in items]
+        if not all(isinstance(p, str) for p in prompts):
+            raise SkuError(f"{path}: {name}: every item needs a prompt string")
+        splits[name] = prompts
+    return splits
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    folder: Path
+    method: str
+    model: str  # the original model, as the run named it
+    negate: bool
+    scale: float
+    max_steps: int
+
+
+def load_run(folder: Path) -> RunInfo:
+    path = folder / "run.json"
+    data = _read_json(path)
+    try:
+        config = data["config"]
+        return RunInfo(folder, config["method"], config["model"], bool(data["method"]["negate"]),
+                       float(config["scale"]), int(config["max_steps"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SkuError(f"{path}: not a `sku unlearn` run.json (missing or bad {e})") from None
+
+
+def snapshots(run: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in (run / "snapshots").glob("step-*"):
+        step = path.name.removeprefix("step-")
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def snapshot_kind(folder: Path) -> str:
+    """A snapshot as `sku unlearn` writes it: "adapter" (LoRA runs) or "task_vector"
+    (θ_s − θ_o of a full fine-tune)."""
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    provenance = folder / "taskvec.json"
+    if provenance.is_file() and _read_json(provenance).get("kind") == "task_vector":
+        return "task_vector"
+    raise SkuError(f"{folder}: neither a LoRA adapter nor a taskvec task vector")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to generate with: a full folder, or a base plus a LoRA adapter or a task
+    vector (`delta`), negated first for a negating method's snapshot."""
+
+    label: str  # "original", "final", "step-200"
+    step: int
+    folder: Path
+    delta: Path | None = None
+    negate: bool = False
+    scale: float = 1.0
+
+
+def _fingerprint_folder(folder: Path) -> list:
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in folder.rglob("*") if p.is_file())
+
+
+def fingerprint(spec: ModelSpec, splits: dict, decoding: Decoding) -> str:
+    """What the responses depend on: the model's files, the prompts and the decoding."""
+    parts = {"folder": _fingerprint_folder(spec.folder),
+             "delta": _fingerprint_folder(spec.delta) if spec.delta else None,
+             "negate": spec.negate, "scale": spec.scale, "splits": splits,
+             "decoding": dataclasses.asdict(decoding), "template": PROMPT_TEMPLATE}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def materialised(spec: ModelSpec, work: Path):
+    """(model folder, adapter folder or None) holding exactly the model of `spec`: θ_o − λ·Δ
+    for a negating method's snapshot Δ, θ_o + Δ otherwise; what taskvec writes goes to a
+    temporary folder under `work`."""
+    import taskvec
+
+    kind = snapshot_kind(spec.delta) if spec.delta else None
+    if kind is None or (kind == "adapter" and not spec.negate):
+        yield spec.folder, spec.delta
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work, prefix=f".{spec.label}-") as tmp:
+        out = Path(tmp) / "model"
+        try:
+            if kind == "adapter":
+                taskvec.negate_adapter(spec.delta, out, scale=spec.scale)
+            else:
+                taskvec.apply(spec.folder, [spec.delta], out,
+                              scales=[-spec.scale if spec.negate else 1.0])
+        except taskvec.TaskVecError as e:
+            raise SkuError(f"snapshot {spec.delta}: {e}") from None
+        yield (spec.folder, out) if kind == "adapter" else (out, None)
+
+
+def model_specs(run: RunInfo, base: Path, options: EvalOptions) -> list[ModelSpec]:
+    """The original (step 0), each snapshot when asked for, and the final model."""
+    final = Path(options.model) if options.model else run.folder / "model"
+    if not final.is_dir():
+        raise SkuError(f"{final}: no final model folder (has `sku unlearn` finished?)")
+    specs = [ModelSpec("original", 0, base)]
+    if options.steps:
+        for step, folder in snapshots(run.folder):
+            if step != run.max_steps:  # the final model is that step, already negated
+                specs.append(ModelSpec(f"step-{step}", step, base, folder, run.negate,
+                                       run.scale))
+    if (final / "adapter_config.json").is_file():
+        specs.append(ModelSpec("final", run.max_steps, base, final))
+    else:
+        specs.append(ModelSpec("final", run.max_steps, final))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def _device_and_dtype(name: str):
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, name)
+
+
+def load_generator(folder: Path, adapter: Path | None, tokenizer_folder: Path, dtype_name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, dtype = _device_and_dtype(dtype_name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    except (OSError, ValueError) as e:
+        raise SkuError(f"{adapter or folder}: cannot load the model: "
+                       f"{str(e).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"  # generation continues every row from its last token
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model.to(device).eval(), tokenizer
+
+
+def _release(model) -> None:
+    """Free a model's memory before the next one loads (one model at a time)."""
+    import gc
+
+    import torch
+
+    model.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate(model, tokenizer, prompts: list[str], decoding: Decoding) -> list[str]:
+    """Responses to `prompts` in the training template, in batches sorted by length. A model
+    never generates past its context length (n_positions or max_position_embeddings)."""
+    import torch
+
+    torch.manual_seed(decoding.seed)
+    texts = [PROMPT_TEMPLATE.format(prompt=p) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    responses = [""] * len(texts)
+    sampling = ({"temperature": decoding.temperature, "top_p": decoding.top_p}
+                if decoding.do_sample else {})
+    device = next(model.parameters()).device
+    config = model.config
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
+                                                               None)
+    for b in range(0, len(order), decoding.batch_size):
+        batch = order[b:b + decoding.batch_size]
+        inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True)
+        width = inputs["input_ids"].shape[1]
+        room = context - width if context else decoding.max_new_tokens
+        if room <= 0:
+            raise SkuError(f"a prompt of {width} tokens fills the model's context ({context})")
+        with torch.no_grad():
+            output = model.generate(**inputs.to(device),
+                                    max_new_tokens=min(decoding.max_new_tokens, room),
+                                    do_sample=decoding.do_sample,
+                                    pad_token_id=tokenizer.pad_token_id, **sampling)
+        new_tokens = output[:, width:]
+        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
+                           strict=True):
+            responses[i] = text.split(decoding.stop)[0].strip() if decoding.stop else text.strip()
+    return responses
+
+
+def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOptions,
+                  cache_dir: Path, work: Path, tokenizer_folder: Path) -> dict[str, list[str]]:
+    """Each split's responses from the cache, or generated and cached."""
+    key = fingerprint(spec, splits, options.decoding)
+    path = cache_dir / f"{spec.label}-{key[:16]}.json"
+    if path.is_file():
+        cached = _read_json(path)
+        if cached.get("fingerprint") == key:
+            return cached["responses"]
+    with materialised(spec, work) as (folder, adapter):
+        model, tokenizer = load_generator(folder, adapter, tokenizer_folder, options.dtype)
+        prompts = [p for name in SPLITS for p in splits[name]]
+        flat = generate(model, tokenizer, prompts, options.decoding)
+        _release(model)
+    responses, start = {}, 0
+    for name in SPLITS:
+        responses[name] = flat[start:start + len(splits[name])]
+        start += len(splits[name])
+    write_atomic(path, json.dumps({"fingerprint": key, "label": spec.label,
+                                   "responses": responses}, ensure_ascii=False) + "\n")
+    return responses
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: dict) -> dict:
+    """{label: {split: Perplexity}}, or {} when the reference model is not available."""
+    from sku.metrics import DEFAULT_PPL_MODEL, MetricUnavailable, ReferenceLM
+
+    try:
+        device, _ = _device_and_dtype(options.dtype)
+        reference = ReferenceLM(options.ppl_model or DEFAULT_PPL_MODEL, device=device)
+    except MetricUnavailable as e:
+        not_computed["perplexity"] = f"not computed: {e}"
+        return {}
+    conditioned = options.ppl_condition == "prompt"
+    return {label: {name: reference.perplexity(responses[name],
+                                               splits[name] if conditioned else None)
+                    for name in SPLITS}
+            for label, responses in sets.items()}
+
+
+def _bleurt(sets: dict, options: EvalOptions, not_computed: dict) -> dict:
+    """{label: [BLEURT(original, response)] on normal prompts}, or {} when unavailable."""
+    from sku.metrics import DEFAULT_BLEURT, Bleurt, MetricUnavailable
+
+    try:
+        device, _ = _device_and_dtype(options.dtype)
+        scorer = Bleurt(options.bleurt or DEFAULT_BLEURT, device=device)
+    except MetricUnavailable as e:
+        not_computed["bleurt"] = f"not computed: {e}"
+        return {}
+    references = sets["original"]["normal"]
+    return {label: scorer.score(references, responses["normal"])
+            for label, responses in sets.items()}
+
+
+def _mean(values) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def split_metrics(n: int, verdicts, perplexity, bleurt) -> dict:
+    metrics: dict = {"n": n}
+    if verdicts is not None:
+        counts = Counter(v.category or "unknown" for v in verdicts)
+        harmful = sum(v.harmful for v in verdicts)
+        metrics.update(harmful=harmful,
+                       harmful_rate=harmful / len(verdicts) if verdicts else None,
+                       categories={c: counts[c] for c in [*CATEGORIES, "unknown"] if counts[c]})
+    if perplexity is not None:
+        metrics.update(perplexity=perplexity.corpus,
+                       perplexity_mean=perplexity.mean, tokens=perplexity.tokens,
+                       truncated=perplexity.truncated)
+    if bleurt is not None:
+        metrics.update(bleurt=_mean(bleurt))
+    return metrics
+
+
+def response_rows(specs, splits, sets, verdicts, perplexities, bleurts) -> list[dict]:
+    """One row per (model, split, prompt): the response, its verdict and per-sample scores."""
+    rows = []
+    for spec in specs:
+        label = spec.label
+        for name in SPLITS:
+            ppl = perplexities.get(label, {}).get(name)
+            for i, prompt in enumerate(splits[name]):
+                verdict = verdicts[label, name][i] if name in HARMFUL_SPLITS else None
+                rows.append({
+                    "model": label, "step": spec.step, "split": name, "index": i,
+                    "prompt": prompt, "response": sets[label][name][i],
+                    **({"harmful": verdict.harmful, "category": verdict.category,
+                        "reason": verdict.reason, "judge": verdict.judge} if verdict else {}),
+                    "perplexity": ppl.per_sample[i] if ppl else None,
+                    **({"bleurt": bleurts[label][i]} if name == "normal" and bleurts else {}),
+                })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) -> dict:
+    """Evaluate a run into `out` (metrics.json, responses.jsonl); returns the metrics."""
+    import taskvec
+    from sku.metrics import CONDITIONING, DEFAULT_BLEURT, DEFAULT_PPL_MODEL
+
+    run_folder, out = Path(run_folder), Path(out)
+    if (out / "metrics.json").exists() and not options.force:
+        raise SkuError(f"{out / 'metrics.json'}: already exists (pass --force to replace it)")
+    if options.ppl_condition not in CONDITIONING:
+        raise SkuError(f"--ppl-condition {options.ppl_condition!r}: expected one of "
+                       f"{', '.join(CONDITIONING)}")
+    run = load_run(run_folder)
+    splits = load_splits(run_folder / "splits.json")
+    try:
+        base = taskvec.resolve(run.model, "original model")
+    except taskvec.TaskVecError as e:
+        raise SkuError(str(e)) from None
+    judge = make_judge(options.judge, options.judge_model, options.base_url, options.max_retries)
+    specs = model_specs(run, base, options)
+
+    generations = out / "generations"
+    sets = {}
+    for spec in specs:
+        _progress(f"responses of {spec.label} (step {spec.step})")
+        cache_dir = Path(options.original_cache) if (
+            spec.label == "original" and options.original_cache) else generations
+        sets[spec.label] = responses_for(spec, splits, options, cache_dir, out, base)
+
+    _progress(f"judging with {judge.name}")
+    cache = None
+    if options.judge != "keyword":
+        cache = VerdictCache(options.judge_cache or out / "judge-cache.jsonl")
+    pairs = [(label, name, i) for label in sets for name in HARMFUL_SPLITS
+             for i in range(len(splits[name]))]
+    flat_verdicts = judge_pairs(judge, [(splits[n][i], sets[label][n][i]) for label, n, i in pairs],
+                                cache, options.concurrency)
+    verdicts = {(label, name): [] for label in sets for name in HARMFUL_SPLITS}
+    for (label, name, _), verdict in zip(pairs, flat_verdicts, strict=True):
+        verdicts[label, name].append(verdict)
+
+    _progress("perplexity and BLEURT")
+    not_computed: dict[str, str] = {}
+    perplexities = _perplexities(sets, splits, options, not_computed)
+    bleurts = _bleurt(sets, options, not_computed)
+
+    def model_metrics(spec: ModelSpec) -> dict:
+        label = spec.label
+        return {"label": label, "step": spec.step, **{
+            name: split_metrics(len(splits[name]), verdicts.get((label, name)),
+                                perplexities.get(label, {}).get(name),
+                                bleurts.get(label) if name == "normal" else None)
+            for name in SPLITS}}
+
+    by_label = {spec.label: model_metrics(spec) for spec in specs}
+    metrics = {
+        "format": FORMAT,
+        "run": str(run_folder), "method": run.method, "model": run.model,
+        "negate": run.negate, "scale": run.scale, "max_steps": run.max_steps,
+        "judge": {"name": judge.name, "prompt_version": PROMPT_VERSION},
+        "decoding": {**dataclasses.asdict(options.decoding), "template": PROMPT_TEMPLATE},
+        "perplexity_model": {"model": options.ppl_model or DEFAULT_PPL_MODEL,
+                             "conditioning": CONDITIONING[options.ppl_condition],
+                             "aggregate": "corpus: exp(total NLL / total response tokens); "
+                                          "perplexity_mean: mean of per-response perplexities"},
+        "bleurt_model": {"model": options.bleurt or DEFAULT_BLEURT,
+                         "pairs": "each normal prompt: BLEURT(original response, response)"},
+        "not_computed": not_computed,
+        "original": by_label["original"],
+        "final": by_label["final"],
+        "steps": sorted(by_label.values(), key=lambda m: m["step"]) if options.steps else [],
+    }
+    rows = response_rows(specs, splits, sets, verdicts, perplexities, bleurts)
+    write_atomic(out / "responses.jsonl",
+                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics

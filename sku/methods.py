@@ -1,0 +1,60 @@
+"""Unlearning methods as data: per-token loss weights over kinds of rows, and whether stage 2
+negates the result (DESIGN.md, "The math").
+
+Kinds of rows, all built per step from the training pools (sku.data):
+  forget    a harmful prompt with its own harmful response
+  mismatch  the same prompt with k other responses (harmful for SKU, normal for GA+Mismatch)
+  normal    a normal question with its answer; the KL term's reference is the original model
+  safe      a PKU prompt with a response labelled safe (the FT baseline)
+
+A term's per-token weight is sign·ε[eps] (or sign·1 without ε), divided by the row's answer
+tokens and by the number of rows of its kind in the effective batch: each term is the mean over
+its rows of the mean over answer tokens, as in the official code, and so does not depend on how
+the batch is split over devices and accumulation steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROW_KINDS = ("forget", "mismatch", "normal", "safe")
+
+
+@dataclass(frozen=True)
+class Term:
+    rows: str  # one of ROW_KINDS
+    loss: str  # "ce" (cross-entropy on the response) or "kl" (KL(original ‖ current))
+    sign: int
+    eps: int | None = None  # index into ε; None means weight 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.rows}_{self.loss}"
+
+    def weight(self, eps: tuple[float, float, float]) -> float:
+        return self.sign * (1.0 if self.eps is None else eps[self.eps])
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    terms: tuple[Term, ...]
+    negate: bool  # stage 2: θ_u = θ_o − λ·(θ_stage1 − θ_o)
+    mismatch_pool: str | None = None  # where mismatch responses come from: "forget" or "normal"
+
+    def active_terms(self, eps: tuple[float, float, float]) -> list[tuple[Term, float]]:
+        """(term, weight) for each term with a non-zero weight: ablations cost nothing."""
+        return [(t, w) for t in self.terms if (w := t.weight(eps)) != 0.0]
+
+
+METHODS = {m.name: m for m in (
+    Method("ft", (Term("safe", "ce", +1),), negate=False),
+    Method("ga", (Term("forget", "ce", -1),), negate=False),
+    Method("ga_mismatch", (Term("forget", "ce", -1, 0), Term("mismatch", "ce", +1, 1),
+                           Term("normal", "kl", +1, 2)), negate=False, mismatch_pool="normal"),
+    Method("task_vector", (Term("forget", "ce", +1),), negate=True),
+    # Guided distortion, random disassociation, preservation divergence (paper eq. 6): the
+    # negative KL weight makes stage 1 raise the divergence that negation then reverses.
+    Method("sku", (Term("forget", "ce", +1, 0), Term("mismatch", "ce", +1, 1),
+                   Term("normal", "kl", -1, 2)), negate=True, mismatch_pool="forget"),
+)}

@@ -1,0 +1,203 @@
+"""Utility metrics (paper appendix A.2): perplexity of generated responses under a reference
+causal LM, and BLEURT between the unlearned and the original model's responses.
+
+Both take a hub id or a local folder; an id is looked up in the local Hugging Face cache only
+(no download at run time). A metric whose model cannot be had raises MetricUnavailable, whose
+message the evaluation records as "not computed: <why>".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sku.errors import SkuError
+
+DEFAULT_PPL_MODEL = "openai-community/gpt2"  # the paper's reference LM is GPT-2
+DEFAULT_BLEURT = "lucadiliello/bleurt-base-128"  # original BLEURT scale, as the paper's scores
+
+
+class MetricUnavailable(SkuError):
+    """A metric's model is not available offline or is not supported."""
+
+
+def resolve_local(name_or_path: str, role: str) -> Path:
+    import taskvec
+
+    try:
+        return taskvec.resolve(name_or_path, role)
+    except taskvec.TaskVecError as e:
+        raise MetricUnavailable(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    corpus: float | None  # exp(Σ NLL / Σ tokens) over every scored token of every response
+    mean: float | None  # mean over responses of each response's own perplexity
+    per_sample: list[float | None]  # None for a response with no token to score
+    tokens: int
+    truncated: int  # responses cut at the reference model's context length
+
+
+CONDITIONING = {
+    "none": "each response alone, after the reference model's BOS (or EOS) token",
+    "prompt": "each response after its templated prompt ('### Question: …\\n ### Answer:')",
+}
+
+
+class ReferenceLM:
+    """A causal LM that scores texts: `perplexity(responses, prompts=None)`."""
+
+    def __init__(self, name_or_path: str, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = resolve_local(name_or_path, "perplexity model")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise MetricUnavailable(f"{name_or_path}: cannot load it as a causal LM: "
+                                    f"{str(e).splitlines()[0]}") from None
+        self.model.to(device).eval()
+        self.name, self.device = name_or_path, torch.device(device)
+        config = self.model.config
+        self.max_length = (getattr(config, "max_position_embeddings", None)
+                           or getattr(config, "n_positions", None) or 1024)
+        tok = self.tokenizer
+        self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def _rows(self, responses: Sequence[str], prompts: Sequence[str] | None):
+        """(token ids, index of the first scored position, truncated?) per response."""
+        from sku.data import PROMPT_TEMPLATE
+
+        tokenize = self.tokenizer
+        start = [] if self.start_id is None else [self.start_id]
+        for i, response in enumerate(responses):
+            if prompts is None:
+                context, text = start, response
+            else:
+                head = PROMPT_TEMPLATE.format(prompt=prompts[i])
+                context = start + tokenize(head, add_special_tokens=False)["input_ids"]
+                text = " " + response
+            answer = tokenize(text, add_special_tokens=False)["input_ids"] if response else []
+            ids = (context + answer)[:self.max_length]
+            # The first token has no left context without a start token: it cannot be scored.
+            first = max(len(context), 1)
+            yield ids, first, len(context) + len(answer) > self.max_length
+
+    @torch.no_grad()
+    def perplexity(self, responses: Sequence[str], prompts: Sequence[str] | None = None,
+                   batch_size: int = 8) -> Perplexity:
+        rows = list(self._rows(responses, prompts))
+        nll = [0.0] * len(rows)
+        counts = [max(0, len(ids) - first) for ids, first, _ in rows]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # less padding
+        scored = [i for i in order if counts[i]]
+        for b in range(0, len(scored), batch_size):
+            batch = scored[b:b + batch_size]
+            width = max(len(rows[i][0]) for i in batch)
+            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+            attention = torch.zeros(len(batch), width, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for r, i in enumerate(batch):
+                ids, first, _ = rows[i]
+                input_ids[r, :len(ids)] = torch.tensor(ids)
+                attention[r, :len(ids)] = 1
+                labels[r, first:len(ids)] = torch.tensor(ids[first:])
+            logits = self.model(input_ids=input_ids.to(self.device),
+                                attention_mask=attention.to(self.device)).logits.float()
+            targets = labels[:, 1:].to(self.device)
+            token_nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), targets.clamp(min=0), reduction="none")
+            token_nll = token_nll.masked_fill(targets < 0, 0.0).double().sum(dim=1)
+            for r, i in enumerate(batch):
+                nll[i] = token_nll[r].item()
+        per_sample = [math.exp(n / c) if c else None for n, c in zip(nll, counts, strict=True)]
+        total = sum(counts)
+        known = [p for p in per_sample if p is not None]
+        return Perplexity(
+            corpus=math.exp(sum(nll) / total) if total else None,
+            mean=sum(known) / len(known) if known else None,
+            per_sample=per_sample, tokens=total,
+            truncated=sum(truncated for _, _, truncated in rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# BLEURT
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise MetricUnavailable(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+class Bleurt:
+    """BLEURT checkpoints in the PyTorch format of bleurt-pytorch (lucadiliello/bleurt-*): a BERT
+    encoder whose pooled [CLS] state a linear layer maps to the score. Loaded into transformers'
+    own BertForSequenceClassification, since bleurt-pytorch 0.0.1 does not import with
+    transformers 5. The RemBERT-based BLEURT-20 family is not supported."""
+
+    def __init__(self, name_or_path: str, device: str | torch.device = "cpu"):
+        from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+        folder = resolve_local(name_or_path, "BLEURT checkpoint")
+        try:
+            settings = json.loads((folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MetricUnavailable(f"{folder}: no readable config.json ({e})") from None
+        if settings.get("model_type") != "bleurt":
+            raise MetricUnavailable(f"{folder}: not a BLEURT checkpoint (model_type "
+                                    f"{settings.get('model_type')!r}, expected 'bleurt')")
+        if settings.get("embedding_size") not in (None, settings.get("hidden_size")):
+            raise MetricUnavailable(f"{folder}: BLEURT-20 (RemBERT) checkpoints are not "
+                                    "supported; use a bleurt-{tiny,base,large}-{128,512} one")
+        ignored = {"model_type", "architectures", "embedding_size", "transformers_version"}
+        fields = {k: v for k, v in settings.items() if k not in ignored}
+        config = BertConfig(**{**fields, "num_labels": 1})
+        model = BertForSequenceClassification(config)
+        state = {k.replace("bleurt.", "bert.", 1): v for k, v in _read_state_dict(folder).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
+        unexpected = [k for k in unexpected if not k.endswith(("position_ids", "token_type_ids"))]
+        if missing or unexpected:
+            raise MetricUnavailable(f"{folder}: weights do not match a BLEURT model "
+                                    f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+        try:
+            self.tokenizer = BertTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise MetricUnavailable(f"{folder}: cannot load its WordPiece tokenizer: "
+                                    f"{str(e).splitlines()[0]}") from None
+        self.model = model.to(device).eval()
+        self.name, self.device = name_or_path, torch.device(device)
+        self.max_length = config.max_position_embeddings
+
+    @torch.no_grad()
+    def score(self, references: Sequence[str], candidates: Sequence[str],
+              batch_size: int = 16) -> list[float]:
+        """BLEURT(reference, candidate) for each pair: [CLS] reference [SEP] candidate [SEP]."""
+        if len(references) != len(candidates):
+            raise SkuError(f"BLEURT: {len(references)} references but "
+                           f"{len(candidates)} candidates")
+        scores: list[float] = []
+        for b in range(0, len(references), batch_size):
+            batch = self.tokenizer(list(references[b:b + batch_size]),
+                                   list(candidates[b:b + batch_size]), padding=True,
+                                   truncation=True, max_length=self.max_length,
+                                   return_tensors="pt").to(self.device)
+            scores += self.model(**batch).logits[:, 0].float().tolist()
+        return scores

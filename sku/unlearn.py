@@ -1,0 +1,334 @@
+"""`sku unlearn`: one method, end to end, into one run folder.
+
+    RUN/run.json          resolved settings, method weights, world size, library versions
+    RUN/splits.json       evaluation prompts: unlearned harmful, unseen harmful, normal
+    RUN/train_log.jsonl   one line per step: each loss term, lr, tokens/s, memory
+    RUN/checkpoint/       the last resumable state (removed once stage 1 is saved)
+    RUN/snapshots/step-N/ LoRA adapter, or task vector θ_N − θ_o of a full fine-tune
+    RUN/theta_bad/        stage 1 of a negating method (adapter or checkpoint)
+    RUN/adapter/          stage 1 of a non-negating method trained with LoRA
+    RUN/model/            the final model: θ_o − λ·(θ_bad − θ_o) for negating methods
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+import taskvec
+from sku.batch import StepBuilder, schedule
+from sku.config import UnlearnConfig
+from sku.data import (
+    hold_out,
+    load_forget,
+    load_normal,
+    splits_json,
+    visited_prompts,
+    with_answers,
+)
+from sku.errors import SkuError
+from sku.methods import METHODS, Method
+from sku.model import FusedLoss, load_model
+from sku.train import (
+    NonFiniteLoss,
+    cache_teacher,
+    checkpoint_step,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+from taskvec.writer import OutputDir
+
+RUN_ENTRIES = {"run.json", "splits.json", "train_log.jsonl", "checkpoint", "snapshots",
+               "theta_bad", "adapter", "model"}
+_VERSIONED = ("sku-unlearn", "torch", "transformers", "peft", "accelerate", "tokenizers",
+              "safetensors")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A temporary sibling, fsynced, then renamed: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise SkuError(f"{name}: no such model folder")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SkuError(f"{name}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
+
+
+def base_checkpoint(name: str) -> tuple[Path, torch.dtype]:
+    """The original model's local folder and the floating dtype its tensors are stored in:
+    stage 2 subtracts tensor by tensor, so full checkpoints are saved in that dtype."""
+    folder = taskvec.resolve(name, "model")
+    dtypes = [d for d in taskvec.info(folder)["dtypes"] if getattr(torch, d).is_floating_point]
+    if len(dtypes) != 1:
+        raise SkuError(f"{folder}: holds {', '.join(dtypes) or 'no'} floating tensors; "
+                       "expected one floating dtype")
+    return folder, getattr(torch, dtypes[0])
+
+
+def stage1_name(method: Method, lora: bool) -> str:
+    if method.negate:
+        return "theta_bad"
+    return "adapter" if lora else "model"
+
+
+def prepare_data(config: UnlearnConfig, method: Method, tokenizer):
+    """(training pools, evaluation splits, provenance). Unseen harmful prompts and normal
+    evaluation questions are held out of every pool; unlearned harmful prompts are drawn from
+    the forget rows the run's schedule visits. Nothing depends on the method, so every method
+    run with the same seed, batch size and steps is evaluated on the same prompts."""
+    forget, normal = load_forget(config.forget_data), load_normal(config.normal_data)
+    seed, size = config.seed, config.eval_size
+    forget_pool, unseen = hold_out(forget.harmful, size, f"{seed}/unseen")
+    normal_pool, normal_eval = hold_out(normal.pairs, size, f"{seed}/normal")
+    unseen_prompts = {p.prompt for p in unseen}
+    forget_pool = with_answers(tokenizer, forget_pool, config.max_length)
+    if not forget_pool:
+        raise SkuError(f"{forget.source}: no harmful pair keeps an answer token within "
+                       f"max_length {config.max_length}")
+    visits = schedule("forget", len(forget_pool), config.batch_size, seed)
+    splits = {
+        "unlearned_harmful": visited_prompts(forget_pool, visits, config.max_steps, size,
+                                             f"{seed}/unlearned"),
+        "unseen_harmful": unseen,
+        "normal": normal_eval,
+    }
+    active = {t.rows for t, _ in method.active_terms(tuple(config.eps))}
+    if "mismatch" in active:
+        active.add(method.mismatch_pool)
+
+    def used(kind: str, pairs: list) -> list:  # tokenised only when the method uses them
+        return with_answers(tokenizer, pairs, config.max_length) if kind in active else []
+
+    pools = {"forget": forget_pool, "normal": used("normal", normal_pool),
+             "safe": used("safe", [p for p in forget.safe if p.prompt not in unseen_prompts])}
+    sources = {"normal": normal.source, "safe": f"{forget.source} (responses labelled safe)"}
+    for kind in active & sources.keys():
+        if not pools[kind]:
+            raise SkuError(f"{sources[kind]}: no {kind} pairs to train {method.name} on")
+    if "mismatch" in active and len({p.prompt for p in pools[method.mismatch_pool]}) < 2:
+        raise SkuError(f"{method.name}: mismatch rows need responses to two prompts or more")
+    provenance = {"forget_data": forget.source, "normal_data": normal.source,
+                  "pool_sizes": {kind: len(pairs) for kind, pairs in pools.items()}}
+    return pools, splits, provenance
+
+
+def _micro_batch_size(config: UnlearnConfig, world: int) -> int:
+    if config.batch_size % world:
+        raise SkuError(f"batch_size {config.batch_size} does not split over {world} processes")
+    micro = config.micro_batch_size or config.batch_size // world
+    if (config.batch_size // world) % micro:
+        raise SkuError(f"micro_batch_size {micro} does not divide the {config.batch_size // world}"
+                       " rows of each process")
+    return micro
+
+
+def _prepare_folder(out: Path, config: UnlearnConfig, accelerator, *, resume: bool,
+                    force: bool) -> None:
+    """Checks on every process (so all raise together), changes on the main one."""
+    run_json = out / "run.json"
+    if resume:
+        if not run_json.is_file():
+            raise SkuError(f"{out}: nothing to resume (no run.json)")
+        saved, now = json.loads(run_json.read_text())["config"], config.as_dict()
+        for key in saved.keys() - {"out"}:
+            if saved[key] != now.get(key):
+                raise SkuError(f"{out}: --resume with other settings: {key} was "
+                               f"{saved[key]!r}, now {now.get(key)!r}")
+    elif out.exists() and any(out.iterdir()):
+        if not force:
+            raise SkuError(f"{out}: already exists (pass --resume to continue it, or --force "
+                           "to start over)")
+        foreign = [p.name for p in out.iterdir()
+                   if p.name not in RUN_ENTRIES and not p.name.startswith(".")]
+        if foreign:
+            raise SkuError(f"{out}: not a sku run folder (it holds {foreign[0]}); "
+                           "refusing to replace it")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if not resume and out.exists():
+            shutil.rmtree(out)
+        (out / "snapshots").mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+class Saver:
+    """Stage-1 outputs: adapters, or full checkpoints in the base checkpoint's dtype."""
+
+    def __init__(self, accelerator, fused, tokenizer, config: UnlearnConfig, base: Path,
+                 base_dtype: torch.dtype):
+        self.accelerator, self.fused, self.tokenizer = accelerator, fused, tokenizer
+        self.lora, self.base, self.base_dtype = config.lora, base, base_dtype
+
+    def save(self, folder: Path) -> None:
+        accelerator = self.accelerator
+        model = accelerator.unwrap_model(self.fused).model
+        state = None if self.lora else accelerator.get_state_dict(self.fused)  # collective
+        if accelerator.is_main_process:
+            with OutputDir(folder, force=True) as tmp:
+                if self.lora:
+                    model.save_pretrained(tmp)
+                else:
+                    model.save_pretrained(tmp, state_dict=self._cast(state))
+                    self.tokenizer.save_pretrained(tmp)
+        accelerator.wait_for_everyone()
+
+    def _cast(self, state: dict) -> dict:
+        """The causal LM's tensors in the base dtype. Tied tensors (a head tied to the
+        embeddings) stay one tensor: save_pretrained drops tied duplicates only then."""
+        cast, by_storage = {}, {}
+        for name, tensor in state.items():
+            if name.startswith("model."):
+                key = (tensor.data_ptr(), tensor.shape)
+                if key not in by_storage:
+                    by_storage[key] = tensor.to(self.base_dtype)
+                cast[name.removeprefix("model.")] = by_storage[key]
+        return cast
+
+    def snapshot(self, folder: Path) -> None:
+        """An adapter, or the task vector θ_step − θ_o of a full fine-tune."""
+        if self.lora:
+            return self.save(folder)
+        full = folder.with_name(f".{folder.name}-full")
+        self.save(full)
+        if self.accelerator.is_main_process:
+            taskvec.diff(self.base, full, folder, force=True)
+            shutil.rmtree(full)
+        self.accelerator.wait_for_everyone()
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """On resume, steps after the checkpoint are trained again and logged again."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines()
+                 if line and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _stage1(config: UnlearnConfig, method: Method, accelerator, tokenizer, pools, out: Path,
+            micro: int, resume: bool) -> None:
+    device = accelerator.device
+    model = load_model(config, device)
+    base, base_dtype = base_checkpoint(config.model)
+    if not config.quantize:
+        model.to(device)
+    builder = StepBuilder(method, config.eps, pools, tokenizer, batch_size=config.batch_size,
+                          k=config.k, max_length=config.max_length, seed=config.seed)
+    needs_reference = any(t.loss == "kl" for t, _ in builder.terms)
+    fused = FusedLoss(model, config.teacher if needs_reference else None)
+    cache = None
+    if fused.teacher == "cache":
+        cache = cache_teacher(fused, pools["normal"], tokenizer, config.max_length, device)
+    optimizer = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad],
+                                  lr=config.lr, weight_decay=config.weight_decay)
+    fused, optimizer = accelerator.prepare(fused, optimizer)
+    # Not prepared: accelerate would step it once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))
+    trained = accelerator.unwrap_model(fused).model
+    checkpoint, log = out / "checkpoint", out / "train_log.jsonl"
+    start = 0
+    if resume and checkpoint_step(checkpoint) is not None:
+        start = load_checkpoint(checkpoint, trained, optimizer, scheduler, accelerator)
+    if accelerator.is_main_process:
+        _truncate_log(log, start)
+    saver = Saver(accelerator, fused, tokenizer, config, base, base_dtype)
+
+    def on_step(step: int, record: dict) -> None:
+        if accelerator.is_main_process:
+            _append_log(log, record)
+        if step in config.save_steps:
+            saver.snapshot(out / "snapshots" / f"step-{step}")
+        if step % config.checkpoint_every == 0 and step < config.max_steps:
+            save_checkpoint(checkpoint, step, trained, optimizer, scheduler, accelerator)
+
+    try:
+        train(fused, optimizer, scheduler, builder, accelerator, start_step=start,
+              max_steps=config.max_steps, micro_batch_size=micro, teacher_cache=cache,
+              on_step=on_step)
+    except NonFiniteLoss as e:
+        last = checkpoint_step(checkpoint)
+        kept = (f"the last good checkpoint (step {last}) is kept in {checkpoint}; fix the "
+                "cause (lower --lr?) and --resume" if last else "no checkpoint was saved yet")
+        raise SkuError(f"{e}: stopped; {kept}") from None
+    saver.save(out / stage1_name(method, config.lora))
+    if accelerator.is_main_process:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def _stage2(config: UnlearnConfig, method: Method, tokenizer, out: Path) -> None:
+    base, _ = base_checkpoint(config.model)
+    stage1, final = out / stage1_name(method, config.lora), out / "model"
+    if method.negate:
+        taskvec.negate(base, stage1, final, scale=config.scale, force=True)
+    else:  # a LoRA adapter, merged into the original checkpoint
+        taskvec.apply(base, stage1, final, force=True)
+    if not (final / "tokenizer_config.json").is_file():
+        tokenizer.save_pretrained(final)
+
+
+def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False) -> Path:
+    """Run stage 1 and stage 2 of `config.method` into `config.out`, or continue it (resume),
+    or replace it (force); returns the final model's folder."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise SkuError(f"launched as {launched} processes but accelerate sees "
+                       f"{accelerator.num_processes}; on CPU set ACCELERATE_USE_CPU=1")
+    method, out = METHODS[config.method], Path(config.out)
+    micro = _micro_batch_size(config, accelerator.num_processes)
+    _prepare_folder(out, config, accelerator, resume=resume, force=force)
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(config.model)
+    pools, splits, provenance = prepare_data(config, method, tokenizer)
+    if accelerator.is_main_process and not resume:
+        write_json(out / "splits.json", splits_json(splits, seed=config.seed, **provenance))
+        write_json(out / "run.json", {
+            "config": config.as_dict(),
+            "method": {"negate": method.negate, "terms": {
+                t.name: w for t, w in method.active_terms(tuple(config.eps))}},
+            "world_size": accelerator.num_processes, "micro_batch_size": micro,
+            "device": str(accelerator.device), "data": provenance, "versions": _versions()})
+    if not (out / stage1_name(method, config.lora)).exists():
+        _stage1(config, method, accelerator, tokenizer, pools, out, micro, resume)
+    if accelerator.is_main_process and not (out / "model").exists():
+        _stage2(config, method, tokenizer, out)
+    accelerator.wait_for_everyone()
+    return out / "model"

@@ -1,0 +1,126 @@
+"""Helpers for the sku tests: a tokenizer trained on the fixture text, tiny real models built
+from configs (random init, seeded), and small file and CLI utilities."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures" / "sku"
+PKU_V1, PKU_V0 = FIXTURES / "pku_v1.jsonl", FIXTURES / "pku_v0.csv"
+TRUTHFULQA, PLAIN = FIXTURES / "truthfulqa.csv", FIXTURES / "plain.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Autouse in the sku test modules that import it: on tiny models a second thread only adds
+    synchronisation, and contention on a shared two-core machine (3x slower suites)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fixture_texts() -> list[str]:
+    texts = []
+    for line in PKU_V1.read_text().splitlines():
+        row = json.loads(line)
+        texts += [row["prompt"], row["response_0"], row["response_1"]]
+    with open(TRUTHFULQA, newline="") as f:
+        for row in csv.DictReader(f):
+            texts += [row["Question"], row["Best Answer"], row["Correct Answers"]]
+    return texts
+
+
+def build_tokenizer(folder: Path, texts: list[str] | None = None, kind: str = "wordlevel"):
+    """A fast tokenizer trained on `texts`: the demo's word-level one (whitespace and
+    punctuation, BOS added like LLaMA's), or byte-level BPE (like GPT-2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sku.demo import SPECIAL_TOKENS, train_tokenizer
+
+    texts = texts or fixture_texts()
+    if kind == "wordlevel":
+        return train_tokenizer(texts, folder)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]",
+                                   unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int):
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=128, bos_token_id=2, eos_token_id=3,
+                           pad_token_id=0)
+    if arch == "opt":  # word_embed_proj_dim < hidden_size: the body ends with project_out
+        return OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=128,
+                         word_embed_proj_dim=16, dropout=0.0, attention_dropout=0.0,
+                         bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2,
+                      eos_token_id=3)
+
+
+@cache
+def tiny_model(arch: str, root: Path) -> Path:
+    """A saved tiny model with the fixture tokenizer: the original model θ_o of a test run."""
+    from transformers import AutoModelForCausalLM
+
+    folder = root / f"tiny-{arch}"
+    tokenizer = build_tokenizer(folder)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)))
+    model.save_pretrained(folder)
+    return folder
+
+
+def read_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+def unlearn_args(method: str, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["unlearn", "--method", method, "--model", str(model), "--forget-data", str(PKU_V1),
+            "--normal-data", str(TRUTHFULQA), "--out", str(out), "--max-steps", "4",
+            "--batch-size", "2", "--k", "2", "--max-length", "64", "--lr", "1e-2", *extra]
+
+
+def run_sku(*args: str, env: dict | None = None, timeout: float = 120,
+            launcher: tuple[str, ...] = ("-m", "sku")) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess. On timeout, SIGTERM first: torchrun forwards it to its
+    workers, which SIGKILL would leave running."""
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    command = [sys.executable, *launcher, *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=environment) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            stdout, stderr = proc.communicate(timeout=30)
+            raise AssertionError(f"timed out after {timeout} s: {stderr[-2000:]}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)

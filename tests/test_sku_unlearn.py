@@ -1,0 +1,242 @@
+"""`sku unlearn` end to end on tiny models: run folder, stage 2, LoRA, baselines, resume, NaN
+stop, DDP with two gloo processes, one-line errors, and `sku demo --quick`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sku_helpers import (
+    PKU_V1,
+    TRUTHFULQA,
+    one_torch_thread,  # noqa: F401 (autouse)
+    read_state,
+    run_sku,
+    tiny_model,
+    unlearn_args,
+)
+
+import taskvec
+from sku.batch import StepBuilder
+from sku.cli import main
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_model("llama", tmp_path_factory.getbasetemp())
+
+
+def _run(*args: str) -> None:
+    assert main(list(args)) == 0
+
+
+def _assert_negated(model_dir, base_dir, tuned_state, scale=1.0):
+    base = read_state(base_dir)
+    final = read_state(model_dir)
+    assert final.keys() == base.keys()
+    for name, original in base.items():
+        expected = original - scale * (tuned_state[name] - original)
+        torch.testing.assert_close(final[name], expected, rtol=0, atol=1e-6)
+
+
+def _log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_sku_full_fine_tune_run(llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path / "run"
+    _run(*unlearn_args("sku", llama, run, "--save-steps", "2", "--checkpoint-every", "2"))
+    assert sorted(p.name for p in run.iterdir()) == [
+        "model", "run.json", "snapshots", "splits.json", "theta_bad", "train_log.jsonl"]
+    theta_bad = read_state(run / "theta_bad")
+    _assert_negated(run / "model", llama, theta_bad)
+    assert any(not torch.equal(theta_bad[k], v) for k, v in read_state(llama).items())
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    assert model(**tokenizer(["### Question: hi"], return_tensors="pt")).logits.isfinite().all()
+    assert taskvec.info(run / "snapshots" / "step-2")["kind"] == "task_vector"
+
+    log = _log(run)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert {"loss", "forget_ce", "mismatch_ce", "normal_kl", "lr", "tokens_per_s",
+            "memory_gb"} <= log[0].keys()
+    info = json.loads((run / "run.json").read_text())
+    assert info["world_size"] == 1 and info["method"]["terms"] == {
+        "forget_ce": 2.5, "mismatch_ce": 2.5, "normal_kl": -1.0}
+    assert {"torch", "transformers", "peft", "accelerate"} <= info["versions"].keys()
+    splits = json.loads((run / "splits.json").read_text())
+    prompts = {name: {s["prompt"] for s in splits[name]}
+               for name in ("unlearned_harmful", "unseen_harmful", "normal")}
+    assert prompts["unseen_harmful"] and prompts["unlearned_harmful"] and prompts["normal"]
+    assert not prompts["unseen_harmful"] & prompts["unlearned_harmful"]
+    records = [json.loads(line) for line in PKU_V1.read_text().splitlines()]
+    for entry in splits["unseen_harmful"]:
+        assert records[entry["record"]]["prompt"] == entry["prompt"]
+
+
+def test_sku_with_lora_negates_the_adapter(llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    _run(*unlearn_args("sku", llama, run, "--lora", "--lora-r", "4", "--lora-alpha", "8",
+                       "--save-steps", "2"))
+    assert (run / "theta_bad" / "adapter_config.json").is_file()
+    assert (run / "snapshots" / "step-2" / "adapter_config.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(llama)
+    merged = PeftModel.from_pretrained(base, run / "theta_bad").merge_and_unload()
+    _assert_negated(run / "model", llama, merged.state_dict())
+    assert "lm_head.weight" in read_state(run / "model")
+
+
+def test_task_vector_scale_and_ft_and_ga_with_lora(llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _run(*unlearn_args("task_vector", llama, tmp_path / "tv", "--scale", "2"))
+    _assert_negated(tmp_path / "tv" / "model", llama, read_state(tmp_path / "tv" / "theta_bad"),
+                    scale=2.0)
+
+    _run(*unlearn_args("ft", llama, tmp_path / "ft"))
+    assert not (tmp_path / "ft" / "theta_bad").exists()
+    assert set(_log(tmp_path / "ft")[0]) >= {"safe_ce"}
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ft" / "model")
+
+    _run(*unlearn_args("ga", llama, tmp_path / "ga", "--lora", "--lora-r", "4"))
+    base = AutoModelForCausalLM.from_pretrained(llama)
+    merged = PeftModel.from_pretrained(base, tmp_path / "ga" / "adapter").merge_and_unload()
+    final = read_state(tmp_path / "ga" / "model")
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_ga_mismatch_on_opt(tmp_path_factory, tmp_path):
+    """OPT: project_out after the final norm, and a head tied to the embeddings, which must
+    stay tied when the model trained in another dtype is saved in the checkpoint's."""
+    opt = tiny_model("opt", tmp_path_factory.getbasetemp())
+    _run(*unlearn_args("ga_mismatch", opt, tmp_path / "run", "--teacher", "copy",
+                       "--dtype", "float64"))
+    log = _log(tmp_path / "run")
+    assert log[0]["normal_kl"] == pytest.approx(0, abs=1e-6) and log[-1]["normal_kl"] > 0
+    assert read_state(tmp_path / "run" / "model").keys() == read_state(opt).keys()
+
+
+@pytest.mark.parametrize("lora", [(), ("--lora", "--lora-r", "4")], ids=["full", "lora"])
+def test_resume_gives_the_uninterrupted_result(llama, tmp_path, monkeypatch, lora):
+    args = ("--max-steps", "6", "--checkpoint-every", "2", "--save-steps", "5", *lora)
+    _run(*unlearn_args("sku", llama, tmp_path / "whole", *args))
+
+    interrupted = tmp_path / "interrupted"
+    original = StepBuilder.micro_batches
+
+    def stop_at_step_5(self, step, *rest):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(self, step, *rest)
+
+    monkeypatch.setattr(StepBuilder, "micro_batches", stop_at_step_5)
+    assert main(unlearn_args("sku", llama, interrupted, *args)) == 130
+    assert json.loads((interrupted / "checkpoint" / "step.json").read_text())["step"] == 4
+    assert not (interrupted / "theta_bad").exists()
+    monkeypatch.setattr(StepBuilder, "micro_batches", original)
+    assert main(unlearn_args("sku", llama, interrupted, *args)) == 1  # no --resume, no --force
+    _run(*unlearn_args("sku", llama, interrupted, *args, "--resume"))
+
+    whole, resumed = read_state(tmp_path / "whole" / "theta_bad"), read_state(
+        interrupted / "theta_bad")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert all(torch.equal(a, b) for a, b in zip(
+        read_state(tmp_path / "whole" / "model").values(),
+        read_state(interrupted / "model").values(), strict=True))
+    strip = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "memory_gb")}
+             for r in _log(tmp_path / "whole")]
+    assert strip == [{k: v for k, v in r.items() if k not in ("tokens_per_s", "memory_gb")}
+                     for r in _log(interrupted)]
+    assert not (interrupted / "checkpoint").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(llama, tmp_path, monkeypatch,
+                                                                 capsys):
+    import sku.model
+
+    calls = {"n": 0}
+    original = sku.model.linear_ce_kl
+
+    def nan_from_step_5(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(sku.model, "linear_ce_kl", nan_from_step_5)
+    run = tmp_path / "run"
+    assert main(unlearn_args("sku", llama, run, "--max-steps", "8", "--checkpoint-every",
+                             "2")) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("sku: error: loss is nan at step 5")
+    assert "last good checkpoint (step 4)" in error
+    assert json.loads((run / "checkpoint" / "step.json").read_text())["step"] == 4
+    assert not (run / "theta_bad").exists() and not (run / "model").exists()
+    assert [r["step"] for r in _log(run)] == [1, 2, 3, 4]
+
+
+def test_ddp_with_two_gloo_processes_equals_one_process(llama, tmp_path):
+    """Equal effective batch (2 rows): 2 processes × 1 row vs 1 process × 2 rows (float64,
+    so that Adam's normalisation cannot amplify float32 summation-order noise)."""
+    args = ("--dtype", "float64", "--checkpoint-every", "2")
+    single = tmp_path / "single"
+    _run(*unlearn_args("sku", llama, single, *args))
+    ddp = tmp_path / "ddp"
+    proc = run_sku(*unlearn_args("sku", llama, ddp, *args),
+                   launcher=("-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "-m", "sku"),
+                   env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
+    one, two = read_state(single / "theta_bad"), read_state(ddp / "theta_bad")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-7)
+    for a, b in zip(_log(single), _log(ddp), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+
+
+def test_bad_data_file_is_one_line_without_traceback(llama, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "hi", "answer": "there"}\n')
+    proc = run_sku("unlearn", "--method", "sku", "--model", str(llama), "--forget-data",
+                   str(bad), "--normal-data", str(TRUTHFULQA), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sku: error: {bad}: missing columns")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--lora", "--load-in-4bit"), "needs a CUDA GPU"),
+    (("--resume",), "nothing to resume"),
+    (("--config", "no-such-recipe"), "no such recipe"),
+    (("--batch-size", "3", "--micro-batch-size", "2"), "micro_batch_size 2 does not divide"),
+])
+def test_refused_settings(llama, tmp_path, capsys, extra, needle):
+    if "--load-in-4bit" in extra and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(unlearn_args("sku", llama, tmp_path / "run", *extra)) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("sku: error:") and needle in error and "\n" not in error
+
+
+def test_demo_quick(tmp_path):
+    from sku.demo import run_demo
+
+    results = run_demo(tmp_path / "demo", quick=True)
+    assert list(results) == ["original", "ft", "ga", "ga_mismatch", "task_vector", "sku"]
+    assert (tmp_path / "demo" / "results.md").is_file()
+    original, ga = results["original"], results["ga"]
+    assert ga["unlearned_harmful"] > original["unlearned_harmful"]
+    assert ga["unseen_harmful"] > original["unseen_harmful"]
+    for method in results:
+        if method != "original":
+            assert (tmp_path / "demo" / "runs" / method / "model" / "config.json").is_file()
