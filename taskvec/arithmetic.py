@@ -12,6 +12,7 @@ the largest tensor or the model.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import re
 from collections.abc import Sequence
@@ -332,6 +333,12 @@ def _stream(base: Checkpoint, terms: Sequence[Term], folder: Path, *, add_base: 
     shards = _output_shards(base, out_dtype, max_shard_size)
     weight_map, total = {}, 0
     writer = CheckpointWriter(folder, block * 8)
+    # Cache-sized elementwise blocks gain nothing from intra-op threads, and their barriers
+    # stall badly when the machine is busy (measured 2-20x slower); the second core serves the
+    # writer thread instead. The loop allocates only views: the cyclic GC would just rescan.
+    threads, collecting = torch.get_num_threads(), gc.isenabled()
+    torch.set_num_threads(1)
+    gc.disable()
     try:
         for shard_name, names in shards:
             writer.begin_shard(shard_name, [(n, out_dtype(base.tensors[n]), base.tensors[n].shape)
@@ -368,6 +375,10 @@ def _stream(base: Checkpoint, terms: Sequence[Term], folder: Path, *, add_base: 
     except BaseException:
         writer.abort()
         raise
+    finally:
+        torch.set_num_threads(threads)
+        if collecting:
+            gc.enable()
     writer.close()
     if len(shards) > 1 or base.indexed:
         write_index(folder, weight_map, total)
@@ -377,12 +388,29 @@ def _stream(base: Checkpoint, terms: Sequence[Term], folder: Path, *, add_base: 
 # Public operations
 
 
+def refuse_overlap(out: Path, inputs: Sequence[Path]) -> None:
+    """An output must not be, contain, or sit inside an input, even with --force."""
+    out = out.resolve()
+    for path in inputs:
+        folder = path.resolve() if path.is_dir() else path.resolve().parent
+        if out == folder or folder in out.parents or out in folder.parents:
+            raise TaskVecError(f"{out}: output overlaps the input {path}; choose another --out")
+
+
 def _write_checkpoint(operation: str, kind: str, base_arg, terms_args, out, *, add_base: bool,
                       dtype: str | None, force: bool, max_shard_size, allow_vocab_mismatch: bool,
                       buffer_mb: float, record: dict) -> Path:
-    base = Checkpoint(resolve(base_arg, "base"))
-    terms = [Term(scale, _open_source(resolve(arg, role))) for arg, scale, role in terms_args]
+    base_path = resolve(base_arg, "base")
+    paths = [resolve(arg, role) for arg, _, role in terms_args]
+    refuse_overlap(Path(out), [base_path, *paths])
+    base = Checkpoint(base_path)
+    terms = [Term(scale, _open_source(path)) for (_, scale, _), path in
+             zip(terms_args, paths, strict=True)]
     try:
+        unsupported = next((i for i in base.tensors.values() if i.dtype.startswith("F8")), None)
+        if unsupported:
+            raise TaskVecError(f"{unsupported.path}: tensor {unsupported.name}: "
+                               f"{unsupported.dtype} arithmetic is not supported")
         plan = Plan(base, allow_vocab_mismatch, vocab_size(base.folder))
         for term in terms:  # the whole plan is checked before anything is written
             term.source.check(plan)
@@ -457,7 +485,9 @@ def negate_adapter(adapter, out, *, scale: float = 1.0, force: bool = False) -> 
     """Write a LoRA adapter whose merge gives B − L·ΔW: B factors scaled by −L (A untouched)."""
     from safetensors.torch import save_file
 
-    source = Adapter(resolve(adapter, "adapter"))
+    adapter_path = resolve(adapter, "adapter")
+    refuse_overlap(Path(out), [adapter_path])
+    source = Adapter(adapter_path)
     replaced = [e.replacement for e in source.edits.values()
                 if e.replacement is not None and ".base_layer." not in e.replacement]
     if replaced:

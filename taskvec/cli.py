@@ -20,12 +20,18 @@ def _writer_options(p: argparse.ArgumentParser) -> None:
                    help="edit only the rows both sides share when vocabulary sizes differ")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors follow the one-line rule too
+        print(f"taskvec: error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="taskvec", description="Streaming task vectors for safetensors checkpoints and "
         "LoRA adapters. Models may be folders, Hugging Face ids in the local cache, or aliases "
         "(llama2-7b, llama2-13b, opt-2.7b).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("diff", help="V = T − B")
     p.add_argument("--base", required=True)

@@ -6,6 +6,7 @@ Resolution never touches the network: a hub id is looked up in the local Hugging
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from taskvec.errors import TaskVecError
@@ -27,13 +28,24 @@ def resolve(name_or_path: str | Path, role: str = "model") -> Path:
     if repo_id.count("/") != 1 or name.startswith((".", "/", "~")):
         raise TaskVecError(f"{name}: {role} is not an existing folder or file")
     # Imported here: the hub client is only needed for ids, and is slow to import.
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
+    cache = hub_cache()
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
     except Exception:
         raise TaskVecError(
             f"{name}: {role} {looked_for} is not a local folder and is not in the Hugging Face "
-            f"cache ({constants.HF_HUB_CACHE}); download it there (`hf download {repo_id}`) "
-            "or pass the path of a local folder"
+            f"cache ({cache}); download it there (`hf download {repo_id}`) or pass the path of "
+            "a local folder"
         ) from None
+
+
+def hub_cache() -> Path:
+    """The cache folder as the environment says now (huggingface_hub reads it once, at import,
+    which is too early for a library called from a long-lived process)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
