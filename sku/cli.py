@@ -1,4 +1,7 @@
-"""The `sku` command: `sku unlearn` (one method, stage 1 and stage 2) and `sku demo`.
+"""The `sku` command: unlearn, evaluate and report, or run the whole study on a tiny model.
+
+`sku unlearn` (one method, stage 1 and stage 2), `sku demo`, and the evaluation's `sku eval`,
+`sku judge` and `sku report` (sku/eval_cli.py).
 
 Errors in the input print one line, `sku: error: …`, and exit with status 1.
 Multi-GPU: `accelerate launch -m sku unlearn …` (DDP, FSDP or DeepSpeed).
@@ -10,6 +13,7 @@ import argparse
 import sys
 
 from sku.errors import SkuError
+from sku.eval_cli import register as register_eval
 from sku.methods import METHODS
 from taskvec import TaskVecError
 
@@ -63,6 +67,7 @@ def _add_unlearn(commands) -> None:
                    help="full fine-tune's KL reference: cached hidden states or a frozen copy")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.set_defaults(handler=run_unlearn)
 
 
 def _add_demo(commands) -> None:
@@ -71,6 +76,7 @@ def _add_demo(commands) -> None:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="fewer steps: well under a minute")
     p.add_argument("--force", action="store_true", help="replace an existing demo folder")
+    p.set_defaults(handler=run_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,36 +84,44 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_unlearn(commands)
     _add_demo(commands)
+    register_eval(commands)
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+def _quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # ours shows the training; theirs only shard writes
-    if args.command == "demo":
-        from sku.demo import run_demo
 
-        run_demo(args.out, quick=args.quick, force=args.force)
-        return
+
+def run_demo(args: argparse.Namespace) -> None:
+    from sku.demo import run_demo
+
+    _quiet_transformers()
+    run_demo(args.out, quick=args.quick, force=args.force)
+
+
+def run_unlearn(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
     from sku.config import RECIPE_KEYS, resolve_config
     from sku.unlearn import unlearn
 
+    _quiet_transformers()
     values = vars(args)
     required = {k: values[k] for k in ("method", "model", "forget_data", "normal_data", "out")}
     overrides = {k: values[k] for k in RECIPE_KEYS}
     config = resolve_config(required, args.config, overrides)
     final = unlearn(config, resume=args.resume, force=args.force)
-    from accelerate import PartialState
-
     if PartialState().is_main_process:
         print(f"sku unlearn: {config.method} finished; the final model is in {final}")
 
 
 def main(argv=None) -> int:
+    """Every subcommand sets `handler`; errors in the input are one line and status 1."""
     args = build_parser().parse_args(argv)
     try:
-        _run(args)
+        args.handler(args)
     except (SkuError, TaskVecError) as e:
         print(f"sku: error: {e}", file=sys.stderr)
         return 1

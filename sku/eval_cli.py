@@ -1,14 +1,13 @@
 """The `sku eval`, `sku judge` and `sku report` subcommands.
 
-`register(subcommands)` adds them to the `sku` parser; each sets `handler`, a function of the
-parsed arguments. `python -m sku.eval_cli …` runs them alone, with the same one-line errors.
+`register(subcommands)` adds them to the `sku` parser (sku/cli.py, which prints errors as one
+line); each sets `handler`, a function of the parsed arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from sku.errors import SkuError
@@ -141,7 +140,7 @@ def _read_rows(path: Path) -> list[dict]:
 def run_judge(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from sku.evaluate import write_atomic
+    from sku.io import write_atomic
     from sku.judge import VerdictCache, cache_key, judge_pairs, make_judge
 
     source, out = Path(args.input), Path(args.out)
@@ -169,22 +168,3 @@ def run_report(args: argparse.Namespace) -> None:
     report = write_report(args.inputs, args.out, force=args.force)
     print(f"sku report: {len(report['rows']) - 1} methods (judge {report['judge']}); "
           f"{Path(args.out) / 'report.md'}")
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sku")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.handler(args)
-    except SkuError as e:
-        print(f"sku: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("sku: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

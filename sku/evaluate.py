@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import tempfile
 from collections import Counter
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from sku.data import PROMPT_TEMPLATE
 from sku.errors import SkuError
+from sku.io import write_atomic, write_json
 from sku.judge import CATEGORIES, PROMPT_VERSION, VerdictCache, judge_pairs, make_judge
 
 SPLITS = ("unlearned_harmful", "unseen_harmful", "normal")
@@ -64,17 +64,6 @@ class EvalOptions:
     decoding: Decoding = dataclasses.field(default_factory=Decoding)
     dtype: str = "auto"
     force: bool = False
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A temporary sibling, fsynced, then renamed: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _progress(message: str) -> None:
@@ -117,6 +106,7 @@ class RunInfo:
     negate: bool
     scale: float
     max_steps: int
+    eps: list[float] | None = None  # the run's ε: names SKU's ablations in reports
 
 
 def load_run(folder: Path) -> RunInfo:
@@ -125,7 +115,7 @@ def load_run(folder: Path) -> RunInfo:
     try:
         config = data["config"]
         return RunInfo(folder, config["method"], config["model"], bool(data["method"]["negate"]),
-                       float(config["scale"]), int(config["max_steps"]))
+                       float(config["scale"]), int(config["max_steps"]), config.get("eps"))
     except (KeyError, TypeError, ValueError) as e:
         raise SkuError(f"{path}: not a `sku unlearn` run.json (missing or bad {e})") from None
 
@@ -326,15 +316,24 @@ def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOp
 # Scoring
 
 
-def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: dict) -> dict:
-    """{label: {split: Perplexity}}, or {} when the reference model is not available."""
-    from sku.metrics import DEFAULT_PPL_MODEL, MetricUnavailable, ReferenceLM
+def _scorer(metric: str, factory, name: str, options: EvalOptions, not_computed: dict):
+    """`factory(name, device=…)`, or None with `not_computed[metric]` saying why not."""
+    from sku.metrics import MetricUnavailable
 
     try:
-        device, _ = _device_and_dtype(options.dtype)
-        reference = ReferenceLM(options.ppl_model or DEFAULT_PPL_MODEL, device=device)
+        return factory(name, device=_device_and_dtype(options.dtype)[0])
     except MetricUnavailable as e:
-        not_computed["perplexity"] = f"not computed: {e}"
+        not_computed[metric] = f"not computed: {e}"
+        return None
+
+
+def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: dict) -> dict:
+    """{label: {split: Perplexity}}, or {} when the reference model is not available."""
+    from sku.metrics import DEFAULT_PPL_MODEL, ReferenceLM
+
+    reference = _scorer("perplexity", ReferenceLM, options.ppl_model or DEFAULT_PPL_MODEL,
+                        options, not_computed)
+    if reference is None:
         return {}
     conditioned = options.ppl_condition == "prompt"
     return {label: {name: reference.perplexity(responses[name],
@@ -345,13 +344,10 @@ def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: 
 
 def _bleurt(sets: dict, options: EvalOptions, not_computed: dict) -> dict:
     """{label: [BLEURT(original, response)] on normal prompts}, or {} when unavailable."""
-    from sku.metrics import DEFAULT_BLEURT, Bleurt, MetricUnavailable
+    from sku.metrics import DEFAULT_BLEURT, Bleurt
 
-    try:
-        device, _ = _device_and_dtype(options.dtype)
-        scorer = Bleurt(options.bleurt or DEFAULT_BLEURT, device=device)
-    except MetricUnavailable as e:
-        not_computed["bleurt"] = f"not computed: {e}"
+    scorer = _scorer("bleurt", Bleurt, options.bleurt or DEFAULT_BLEURT, options, not_computed)
+    if scorer is None:
         return {}
     references = sets["original"]["normal"]
     return {label: scorer.score(references, responses["normal"])
@@ -460,7 +456,7 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     metrics = {
         "format": FORMAT,
         "run": str(run_folder), "method": run.method, "model": run.model,
-        "negate": run.negate, "scale": run.scale, "max_steps": run.max_steps,
+        "negate": run.negate, "scale": run.scale, "max_steps": run.max_steps, "eps": run.eps,
         "judge": {"name": judge.name, "prompt_version": PROMPT_VERSION},
         "decoding": {**dataclasses.asdict(options.decoding), "template": PROMPT_TEMPLATE},
         "perplexity_model": {"model": options.ppl_model or DEFAULT_PPL_MODEL,
@@ -477,5 +473,5 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     rows = response_rows(specs, splits, sets, verdicts, perplexities, bleurts)
     write_atomic(out / "responses.jsonl",
                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     return metrics

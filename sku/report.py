@@ -11,10 +11,11 @@ import math
 from pathlib import Path
 
 from sku.errors import SkuError
-from sku.evaluate import write_atomic
+from sku.io import write_atomic, write_json
 
 METHOD_LABELS = {"ft": "FT", "task_vector": "Task Vector", "ga": "GA",
                  "ga_mismatch": "GA+Mismatch", "sku": "SKU"}
+ABLATED_TERMS = ("GD", "RD", "PD")  # SKU's terms, in ε's order: a zero ε is an ablation
 PPL_CAP = 1000.0
 RANKING_RULE = (
     "each column ranks the methods 1…n, tied values sharing their mean rank; the unlearning "
@@ -71,12 +72,23 @@ def _row(method: str, label: str, model_metrics: dict, judge: str, source: str) 
             "judge": judge, "source": source}
 
 
+def method_label(metrics: dict) -> str:
+    """"SKU", or "SKU w/o RD" for a run with that term's ε set to 0 (the paper's ablations)."""
+    label = METHOD_LABELS.get(metrics["method"], metrics["method"])
+    eps = metrics.get("eps")
+    if metrics["method"] == "sku" and eps:
+        dropped = [term for term, e in zip(ABLATED_TERMS, eps, strict=True) if e == 0]
+        if dropped:
+            label += " w/o " + ", ".join(dropped)
+    return label
+
+
 def table_rows(evaluations: list[dict]) -> list[dict]:
     """The original model (from the first evaluation), then one row per evaluation."""
     first = evaluations[0]
     rows = [_row("original", "Original", first["original"], first["judge"]["name"],
                  first["source"])]
-    labels = [METHOD_LABELS.get(m["method"], m["method"]) for m in evaluations]
+    labels = [method_label(m) for m in evaluations]
     for metrics, label in zip(evaluations, labels, strict=True):
         if labels.count(label) > 1:  # two runs of one method: name them by their folder
             label = f"{label} ({Path(metrics['run']).name})"
@@ -224,7 +236,8 @@ def plot_curves(evaluations: list[dict], labels: list[str], out: Path) -> tuple[
             continue
         figure, axes = plt.subplots(figsize=(5, 3.5))
         for i, (label, points) in enumerate(curves):
-            color = SKU_COLOR if label.startswith("SKU") else PALETTE[i % len(PALETTE)]
+            full_sku = label.startswith("SKU") and " w/o " not in label
+            color = SKU_COLOR if full_sku else PALETTE[i % len(PALETTE)]
             steps, values = zip(*points, strict=True)
             axes.plot(steps, values, marker="o", label=label, color=color)
         axes.set_xlabel("training step")
@@ -260,7 +273,7 @@ def write_report(inputs: list[str | Path], out: str | Path, force: bool = False)
     missing: dict[tuple[str, str], list[str]] = {}  # one note per metric and reason
     for metrics in evaluations:
         for metric, why in metrics.get("not_computed", {}).items():
-            missing.setdefault((metric, why), []).append(metrics["method"])
+            missing.setdefault((metric, why), []).append(method_label(metrics))
     notes = [f"{metric} for {', '.join(methods)}: {why}"
              for (metric, why), methods in missing.items()]
     models = sorted({m["model"] for m in evaluations})
@@ -283,5 +296,5 @@ def write_report(inputs: list[str | Path], out: str | Path, force: bool = False)
         "notes": notes,
     }
     write_atomic(out / "report.md", render_markdown(rows, evaluations, ranked, figures, notes))
-    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     return report

@@ -32,6 +32,7 @@ from sku.data import (
     with_answers,
 )
 from sku.errors import SkuError
+from sku.io import write_json
 from sku.methods import METHODS, Method
 from sku.model import FusedLoss, load_model
 from sku.train import (
@@ -48,20 +49,6 @@ RUN_ENTRIES = {"run.json", "splits.json", "train_log.jsonl", "checkpoint", "snap
                "theta_bad", "adapter", "model"}
 _VERSIONED = ("sku-unlearn", "torch", "transformers", "peft", "accelerate", "tokenizers",
               "safetensors")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A temporary sibling, fsynced, then renamed: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _versions() -> dict[str, str]:

@@ -19,10 +19,11 @@ PKU_V1, PKU_V0 = FIXTURES / "pku_v1.jsonl", FIXTURES / "pku_v0.csv"
 TRUTHFULQA, PLAIN = FIXTURES / "truthfulqa.csv", FIXTURES / "plain.jsonl"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
-    """Autouse in the sku test modules that import it: on tiny models a second thread only adds
-    synchronisation, and contention on a shared two-core machine (3x slower suites)."""
+    """Autouse in the sku test modules that import it (module-scoped, so module fixtures that
+    build models get it too): on tiny models a second thread only adds synchronisation, and
+    contention on a shared two-core machine (3x slower suites)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -8,20 +8,12 @@ import math
 
 import pytest
 import torch
+from sku_helpers import one_torch_thread  # noqa: F401 (autouse)
 
 from sku.data import PROMPT_TEMPLATE
 from sku.metrics import Bleurt, MetricUnavailable, ReferenceLM
 
 N_POSITIONS = 96
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: threads only add synchronisation (and the CI machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def byte_tokenizer():

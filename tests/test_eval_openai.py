@@ -137,7 +137,7 @@ def free_port() -> int:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sku.eval_cli", *map(str, args)]
+    return [sys.executable, "-m", "sku", *map(str, args)]
 
 
 def cli_env() -> dict:

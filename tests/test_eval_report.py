@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sku.eval_cli import main
-from sku.report import COLUMNS, column_ranks, rank_rows, write_report
+from sku.cli import main
+from sku.report import COLUMNS, column_ranks, method_label, rank_rows, write_report
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 METHODS = ("ft", "task_vector", "ga", "ga_mismatch", "sku")
@@ -114,7 +114,7 @@ def test_report_states_what_was_not_computed_and_by_which_judge(runs, tmp_path):
     assert "bleurt_normal.png" not in report["figures"]
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "not comparable" in markdown and "offline heuristic" in markdown
-    assert "bleurt for ft, task_vector, ga, ga_mismatch, sku: not computed: lucadiliello" \
+    assert "bleurt for FT, Task Vector, GA, GA+Mismatch, SKU: not computed: lucadiliello" \
         in markdown
     assert "| n/c |" in markdown and "bleurt_normal.png not drawn" in markdown
 
@@ -123,3 +123,10 @@ def test_report_of_nothing_readable_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("sku: error:") and "no metrics.json" in error and "\n" not in error
+
+
+@pytest.mark.parametrize(("method", "eps", "label"), [
+    ("sku", [2.5, 2.5, 1.0], "SKU"), ("sku", [2.5, 0.0, 1.0], "SKU w/o RD"),
+    ("sku", [2.5, 2.5, 0.0], "SKU w/o PD"), ("sku", None, "SKU"), ("ga", [2.5, 0.0, 1.0], "GA")])
+def test_sku_ablations_are_named_by_the_term_they_drop(method, eps, label):
+    assert method_label({"method": method, "eps": eps}) == label

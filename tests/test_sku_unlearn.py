@@ -228,15 +228,44 @@ def test_refused_settings(llama, tmp_path, capsys, extra, needle):
     assert error.startswith("sku: error:") and needle in error and "\n" not in error
 
 
-def test_demo_quick(tmp_path):
-    from sku.demo import run_demo
+def test_demo_quick(tmp_path, capsys):
+    from sku.demo import RUNS
 
-    results = run_demo(tmp_path / "demo", quick=True)
-    assert list(results) == ["original", "ft", "ga", "ga_mismatch", "task_vector", "sku"]
-    assert (tmp_path / "demo" / "results.md").is_file()
-    original, ga = results["original"], results["ga"]
-    assert ga["unlearned_harmful"] > original["unlearned_harmful"]
-    assert ga["unseen_harmful"] > original["unseen_harmful"]
-    for method in results:
-        if method != "original":
-            assert (tmp_path / "demo" / "runs" / method / "model" / "config.json").is_file()
+    demo = tmp_path / "demo"
+    assert main(["demo", "--out", str(demo), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "# Unlearning report (paper Table 1)" in printed and "| SKU w/o RD |" in printed
+    report = json.loads((demo / "report" / "report.json").read_text())
+    rows = {row["label"]: row for row in report["rows"]}
+    assert list(rows) == ["Original", "FT", "GA", "GA+Mismatch", "Task Vector", "SKU",
+                          "SKU w/o RD", "SKU w/o PD"]
+    fields = {"method", "harmful_rate_unlearned", "harmful_rate_unseen", "ppl_unlearned",
+              "ppl_unseen", "ppl_normal", "bleurt_normal", "rank_unlearn", "rank_utility",
+              "rank_avg", "judge", "source"}
+    for label, row in rows.items():
+        assert fields <= row.keys() and row["judge"] == "keyword"
+        for key in ("harmful_rate_unlearned", "harmful_rate_unseen"):
+            assert 0 <= row[key] <= 1
+        assert row["ppl_normal"] > 1 and row["bleurt_normal"] is None  # no BLEURT offline
+        assert (row["rank_avg"] is None) == (label == "Original")
+    assert report["perplexity_model"]["model"] == str(demo / "original")
+    assert any(note.startswith("bleurt for ") and "not computed" in note
+               for note in report["notes"])
+    markdown = (demo / "report" / "report.md").read_text()
+    assert "| SKU w/o PD |" in markdown and str(demo / "original") in markdown
+    for figure in ("harmful_rate_unlearned", "harmful_rate_unseen", "perplexity_normal"):
+        assert figure + ".png" in report["figures"]
+        assert (demo / "report" / f"{figure}.png").stat().st_size > 0
+    for name in RUNS:
+        metrics = json.loads((demo / "runs" / name / "eval" / "metrics.json").read_text())
+        assert [m["step"] for m in metrics["steps"]] == [0, 4, 8]  # Figure 3's points
+        assert (demo / "runs" / name / "model" / "config.json").is_file()
+    losses = json.loads((demo / "answer_loss.json").read_text())["answer_loss"]
+    assert losses["ga"]["unlearned_harmful"] > losses["original"]["unlearned_harmful"]
+    assert main(["demo", "--out", str(demo), "--quick"]) == 1  # no --force: kept
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "{unlearn,demo,eval,judge,report}" in capsys.readouterr().out
