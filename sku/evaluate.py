@@ -198,10 +198,13 @@ def model_specs(run: RunInfo, base: Path, options: EvalOptions) -> list[ModelSpe
     if not final.is_dir():
         raise SkuError(f"{final}: no final model folder (has `sku unlearn` finished?)")
     specs = [ModelSpec("original", 0, base)]
+    # A full fine-tune's snapshots are task vectors against the run's own copy of θ_o.
+    theta_o = run.folder / "theta_o"
+    snapshot_base = theta_o if theta_o.is_dir() else base
     if options.steps:
         for step, folder in snapshots(run.folder):
             if step != run.max_steps:  # the final model is that step, already negated
-                specs.append(ModelSpec(f"step-{step}", step, base, folder, run.negate,
+                specs.append(ModelSpec(f"step-{step}", step, snapshot_base, folder, run.negate,
                                        run.scale))
     if (final / "adapter_config.json").is_file():
         specs.append(ModelSpec("final", run.max_steps, base, final))

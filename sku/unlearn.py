@@ -46,7 +46,9 @@ from sku.train import (
 from taskvec.writer import OutputDir
 
 RUN_ENTRIES = {"run.json", "splits.json", "train_log.jsonl", "checkpoint", "snapshots",
-               "theta_bad", "adapter", "model"}
+               "theta_bad", "adapter", "model", "theta_o"}
+# θ_o as a full fine-tune's stage 2 subtracts it: written once, by the writer that writes θ_bad.
+THETA_O = "theta_o"
 _VERSIONED = ("sku-unlearn", "torch", "transformers", "peft", "accelerate", "tokenizers",
               "safetensors")
 
@@ -72,15 +74,30 @@ def load_tokenizer(name: str):
         raise SkuError(f"{name}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
 
 
-def base_checkpoint(name: str) -> tuple[Path, torch.dtype]:
-    """The original model's local folder and the floating dtype its tensors are stored in:
-    stage 2 subtracts tensor by tensor, so full checkpoints are saved in that dtype."""
+def base_checkpoint(name: str, *, lora: bool) -> tuple[Path, torch.dtype]:
+    """The original model's local folder and the floating dtype its tensors are stored in
+    (full fine-tunes save θ_bad in that dtype). A LoRA run merges into this very checkpoint,
+    so it must be safetensors; a full fine-tune negates against RUN/theta_o instead, so any
+    checkpoint transformers loads (.bin, legacy tensor names) will do."""
     folder = taskvec.resolve(name, "model")
-    dtypes = [d for d in taskvec.info(folder)["dtypes"] if getattr(torch, d).is_floating_point]
+    try:
+        dtypes = [d for d in taskvec.info(folder)["dtypes"]
+                  if getattr(torch, d).is_floating_point]
+    except taskvec.TaskVecError as e:
+        if lora:
+            raise SkuError(f"{e} (a LoRA run merges its adapter into this checkpoint)") from None
+        config = json.loads((folder / "config.json").read_text())
+        dtypes = [config.get("dtype") or config.get("torch_dtype") or "float32"]
     if len(dtypes) != 1:
         raise SkuError(f"{folder}: holds {', '.join(dtypes) or 'no'} floating tensors; "
                        "expected one floating dtype")
     return folder, getattr(torch, dtypes[0])
+
+
+def stage2_original(config: UnlearnConfig, out: Path) -> Path:
+    """θ_o for stage 2 and for snapshots: RUN/theta_o when written, else the original."""
+    copy = out / THETA_O
+    return copy if copy.is_dir() else base_checkpoint(config.model, lora=config.lora)[0]
 
 
 def stage1_name(method: Method, lora: bool) -> str:
@@ -170,7 +187,8 @@ def _prepare_folder(out: Path, config: UnlearnConfig, accelerator, *, resume: bo
 
 
 class Saver:
-    """Stage-1 outputs: adapters, or full checkpoints in the base checkpoint's dtype."""
+    """Stage-1 outputs: adapters, or full checkpoints in the base checkpoint's dtype (a full
+    fine-tune's snapshots are task vectors against `base`, the run's θ_o copy)."""
 
     def __init__(self, accelerator, fused, tokenizer, config: UnlearnConfig, base: Path,
                  base_dtype: torch.dtype):
@@ -231,7 +249,7 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, tokenizer, pools
             micro: int, resume: bool) -> None:
     device = accelerator.device
     model = load_model(config, device)
-    base, base_dtype = base_checkpoint(config.model)
+    _, base_dtype = base_checkpoint(config.model, lora=config.lora)
     if not config.quantize:
         model.to(device)
     builder = StepBuilder(method, config.eps, pools, tokenizer, batch_size=config.batch_size,
@@ -248,13 +266,18 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, tokenizer, pools
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))
     trained = accelerator.unwrap_model(fused).model
+    saver = Saver(accelerator, fused, tokenizer, config, out / THETA_O, base_dtype)
+    if not config.lora and not (out / THETA_O).is_dir():
+        # Before any step (and before a resumed checkpoint is loaded) the model is θ_o.
+        # Written like θ_bad, stage 2 subtracts tensors of the same names and dtype whatever
+        # format the original came in; a LoRA run merges into the original itself.
+        saver.save(out / THETA_O)
     checkpoint, log = out / "checkpoint", out / "train_log.jsonl"
     start = 0
     if resume and checkpoint_step(checkpoint) is not None:
         start = load_checkpoint(checkpoint, trained, optimizer, scheduler, accelerator)
     if accelerator.is_main_process:
         _truncate_log(log, start)
-    saver = Saver(accelerator, fused, tokenizer, config, base, base_dtype)
 
     def on_step(step: int, record: dict) -> None:
         if accelerator.is_main_process:
@@ -279,7 +302,7 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, tokenizer, pools
 
 
 def _stage2(config: UnlearnConfig, method: Method, tokenizer, out: Path) -> None:
-    base, _ = base_checkpoint(config.model)
+    base = stage2_original(config, out)
     stage1, final = out / stage1_name(method, config.lora), out / "model"
     if method.negate:
         taskvec.negate(base, stage1, final, scale=config.scale, force=True)

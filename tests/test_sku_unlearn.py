@@ -4,6 +4,7 @@ stop, DDP with two gloo processes, one-line errors, and `sku demo --quick`."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -50,7 +51,11 @@ def test_sku_full_fine_tune_run(llama, tmp_path):
     run = tmp_path / "run"
     _run(*unlearn_args("sku", llama, run, "--save-steps", "2", "--checkpoint-every", "2"))
     assert sorted(p.name for p in run.iterdir()) == [
-        "model", "run.json", "snapshots", "splits.json", "theta_bad", "train_log.jsonl"]
+        "model", "run.json", "snapshots", "splits.json", "theta_bad", "theta_o",
+        "train_log.jsonl"]
+    original = read_state(llama)
+    assert {k: torch.equal(v, original[k]) for k, v in read_state(run / "theta_o").items()} == {
+        k: True for k in original}
     theta_bad = read_state(run / "theta_bad")
     _assert_negated(run / "model", llama, theta_bad)
     assert any(not torch.equal(theta_bad[k], v) for k, v in read_state(llama).items())
@@ -75,6 +80,37 @@ def test_sku_full_fine_tune_run(llama, tmp_path):
     records = [json.loads(line) for line in PKU_V1.read_text().splitlines()]
     for entry in splits["unseen_harmful"]:
         assert records[entry["record"]]["prompt"] == entry["prompt"]
+
+
+def _legacy_bin_copy(llama, folder):
+    """The tiny original as pytorch_model.bin under legacy names (no `model.` prefix), as
+    facebook/opt-* checkpoints are stored on the hub."""
+    folder.mkdir()
+    for path in llama.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)
+    torch.save({k.removeprefix("model."): v for k, v in read_state(llama).items()},
+               folder / "pytorch_model.bin")
+    return folder
+
+
+def test_full_fine_tune_from_a_legacy_bin_checkpoint(llama, tmp_path):
+    """Stage 2 negates against the run's own θ_o copy, written like θ_bad."""
+    legacy = _legacy_bin_copy(llama, tmp_path / "legacy")
+    original = read_state(llama)
+    run = tmp_path / "run"
+    _run(*unlearn_args("task_vector", legacy, run))
+    theta_o = read_state(run / "theta_o")
+    assert theta_o.keys() == original.keys()
+    assert all(torch.equal(theta_o[k], v) for k, v in original.items())
+    _assert_negated(run / "model", run / "theta_o", read_state(run / "theta_bad"))
+
+
+def test_lora_needs_a_safetensors_original(llama, tmp_path, capsys):
+    legacy = _legacy_bin_copy(llama, tmp_path / "legacy")
+    assert main(unlearn_args("sku", legacy, tmp_path / "run", "--lora")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sku: error:") and "pytorch_model.bin" in err and "LoRA" in err
 
 
 def test_sku_with_lora_negates_the_adapter(llama, tmp_path):
