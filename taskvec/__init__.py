@@ -9,7 +9,7 @@ rounds once, and writes atomically (temporary sibling, fsync, rename).
 
 from taskvec.arithmetic import apply, diff, negate, negate_adapter
 from taskvec.errors import TaskVecError
-from taskvec.inspect import info, verify
+from taskvec.inspection import info, verify
 from taskvec.resolve import resolve
 
 __all__ = ["TaskVecError", "apply", "diff", "info", "negate", "negate_adapter", "resolve", "verify"]
