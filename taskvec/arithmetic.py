@@ -16,7 +16,7 @@ import gc
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -201,7 +201,6 @@ class VectorDelta(DeltaSource):
 class _BoundEdit:
     edit: TensorEdit
     transposed: bool = False
-    factors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
 class AdapterDelta(DeltaSource):
@@ -213,7 +212,9 @@ class AdapterDelta(DeltaSource):
         self.checkpoint = adapter.checkpoint
         self.label = str(adapter.folder)
         self.bound: dict[str, _BoundEdit] = {}
-        self._cached: str | None = None  # tensor whose factors are loaded
+        # (tensor name, (left, right)) of the tensor being streamed: factors are small, so
+        # they are read once per tensor, and only one tensor's are held at a time.
+        self._factors: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def check(self, plan: Plan) -> None:
         tensors = self.adapter.checkpoint.tensors
@@ -245,11 +246,9 @@ class AdapterDelta(DeltaSource):
         else:
             out.zero_()
         if edit.lora is not None:
-            if self._cached != info.name:  # factors are small: load once per tensor
-                self.bound.get(self._cached, bound).factors = None
-                bound.factors = self.adapter.factors(edit.lora, bound.transposed)
-                self._cached = info.name
-            left, right = bound.factors
+            if self._factors is None or self._factors[0] != info.name:
+                self._factors = (info.name, self.adapter.factors(edit.lora, bound.transposed))
+            left, right = self._factors[1]
             out.view(r1 - r0, -1).addmm_(left[r0:r1], right)
         return True
 
