@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,16 +157,30 @@ class Adapter:
         return abs(lora.scale) * math.sqrt(max(gram.sum().item(), 0.0))
 
     def bind(self, base_names) -> dict[str, TensorEdit]:
-        """Map each edit to the base tensor it applies to, by name (tolerating a prefix that one
-        side has and the other lacks, e.g. GPT-2's `transformer.`)."""
-        base_names = list(base_names)
+        """Map each edit to the base tensor it applies to (see match_names)."""
         bound: dict[str, TensorEdit] = {}
-        for target, edit in self.edits.items():
-            candidates = [n for n in base_names if n == target] or [
-                n for n in base_names if n.endswith("." + target) or target.endswith("." + n)]
-            if len(candidates) != 1:
-                why = "no" if not candidates else f"{len(candidates)} candidate"
-                raise TaskVecError(f"{self.folder}: adapter edits {target} but the base has {why} "
-                                   "matching tensor")
-            bound[candidates[0]] = edit
+        for target, base_name in match_names(self.edits, base_names).items():
+            if base_name is None:
+                raise TaskVecError(f"{self.folder}: adapter edits {target} but the base has no "
+                                   "single matching tensor")
+            bound[base_name] = self.edits[target]
         return bound
+
+
+def match_names(names, base_names) -> dict[str, str | None]:
+    """Each name -> the base tensor it stands for: the same name, else the one base name that
+    extends it or that it extends at a dot (a prefix one side lacks: GPT-2's `transformer.`,
+    legacy checkpoints without `model.`); None when there is no such single tensor or when
+    two names would claim it."""
+    base_names = list(base_names)
+    exact = set(base_names)
+    matched: dict[str, str | None] = {}
+    for name in names:
+        if name in exact:
+            matched[name] = name
+            continue
+        candidates = [n for n in base_names
+                      if n.endswith("." + name) or name.endswith("." + n)]
+        matched[name] = candidates[0] if len(candidates) == 1 else None
+    claims = Counter(b for b in matched.values() if b is not None)
+    return {n: b if b is not None and claims[b] == 1 else None for n, b in matched.items()}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from taskvec.adapter import Adapter, TensorEdit, is_adapter
+from taskvec.adapter import Adapter, TensorEdit, is_adapter, match_names
 from taskvec.errors import TaskVecError
 from taskvec.reader import (
     DTYPE_NAMES,
@@ -137,64 +137,69 @@ def _read_fp32(ckpt: Checkpoint, info: TensorInfo, r0: int, r1: int, raw: bytear
     out.copy_(as_tensor(ckpt.read_into(info, r0, r1 - r0, raw), info.dtype))
 
 
-def _missing(label_a: str, label_b: str, names_a, names_b) -> None:
-    only_b = sorted(set(names_b) - set(names_a))
-    if only_b:
-        raise TaskVecError(f"{label_b}: tensor {only_b[0]} is missing from {label_a}"
-                           + (f" (and {len(only_b) - 1} more)" if len(only_b) > 1 else ""))
+class CheckpointDelta(DeltaSource):
+    """A full checkpoint read tensor by tensor: a fine-tuned model (delta = t − b) or a
+    stored task vector (delta = v). Tensors are matched to the base's by name, tolerating a
+    prefix one side lacks (checkpoints of one model saved by different library versions)."""
 
+    subtract_base: bool
 
-class FullDelta(DeltaSource):
-    """A fine-tuned full checkpoint: delta = t − b."""
-
-    def __init__(self, tuned: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint):
         super().__init__()
-        self.checkpoint = tuned
-        self.label = str(tuned.path)
+        self.checkpoint = checkpoint
+        self.label = str(checkpoint.path)
+        self.names: dict[str, str] = {}  # base tensor -> this checkpoint's tensor
+
+    def check_dtype(self, name: str, base: TensorInfo, other: TensorInfo) -> None:
+        raise NotImplementedError
 
     def check(self, plan: Plan) -> None:
         base = plan.base
-        _missing(str(base.path), self.label, base.tensors, self.checkpoint.tensors)
-        _missing(self.label, str(base.path), self.checkpoint.tensors, base.tensors)
+        matched = match_names(self.checkpoint.tensors, base.tensors)
+        extra = sorted(n for n, b in matched.items() if b is None)
+        if extra:
+            raise TaskVecError(f"{self.label}: tensor {extra[0]} is missing from {base.path}"
+                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        self.names = {b: n for n, b in matched.items()}
+        missing = sorted(set(base.tensors) - set(self.names))
+        if missing:
+            raise TaskVecError(f"{base.path}: tensor {missing[0]} is missing from {self.label}"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         for name, info in base.tensors.items():
-            other = self.checkpoint.tensors[name]
-            if other.dtype != info.dtype:
-                raise TaskVecError(f"{self.label}: tensor {name}: dtype {other.dtype} does not "
-                                   f"match the base's {info.dtype}")
-            self._cover(plan, info, name, other.shape)
+            other = self.checkpoint.tensors[self.names[name]]
+            self.check_dtype(name, info, other)
+            self._cover(plan, info, other.name, other.shape)
 
     def delta(self, info, r0, r1, base_rows, out, raw):
         if r0 >= self.rows_limit[info.name]:
             return False
-        _read_fp32(self.checkpoint, self.checkpoint.tensors[info.name], r0, r1, raw, out)
-        out.sub_(base_rows)
+        _read_fp32(self.checkpoint, self.checkpoint.tensors[self.names[info.name]], r0, r1,
+                   raw, out)
+        if self.subtract_base:
+            out.sub_(base_rows)
         return True
 
 
-class VectorDelta(DeltaSource):
+class FullDelta(CheckpointDelta):
+    """A fine-tuned full checkpoint: delta = t − b, in the same dtypes as the base."""
+
+    subtract_base = True
+
+    def check_dtype(self, name, base, other):
+        if other.dtype != base.dtype:
+            raise TaskVecError(f"{self.label}: tensor {name}: dtype {other.dtype} does not "
+                               f"match the base's {base.dtype}")
+
+
+class VectorDelta(CheckpointDelta):
     """A stored task vector: delta = v (any float dtype; non-float tensors are ignored)."""
 
-    def __init__(self, vector: Checkpoint):
-        super().__init__()
-        self.checkpoint = vector
-        self.label = str(vector.path)
+    subtract_base = False
 
-    def check(self, plan: Plan) -> None:
-        base = plan.base
-        _missing(str(base.path), self.label, base.tensors, self.checkpoint.tensors)
-        _missing(self.label, str(base.path), self.checkpoint.tensors, base.tensors)
-        for name, info in base.tensors.items():
-            other = self.checkpoint.tensors[name]
-            if info.dtype in FLOAT_DTYPES and other.dtype not in FLOAT_DTYPES:
-                raise TaskVecError(f"{self.label}: tensor {name}: dtype {other.dtype} is not a "
-                                   "float type")
-            self._cover(plan, info, name, other.shape)
-
-    def delta(self, info, r0, r1, base_rows, out, raw):
-        if r0 >= self.rows_limit[info.name]:
-            return False
-        _read_fp32(self.checkpoint, self.checkpoint.tensors[info.name], r0, r1, raw, out)
-        return True
+    def check_dtype(self, name, base, other):
+        if base.dtype in FLOAT_DTYPES and other.dtype not in FLOAT_DTYPES:
+            raise TaskVecError(f"{self.label}: tensor {name}: dtype {other.dtype} is not a "
+                               "float type")
 
 
 @dataclass

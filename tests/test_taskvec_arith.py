@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import read_header, read_tensors, run_cli
+from safetensors.torch import save_file
 
 import taskvec
 
@@ -277,3 +278,24 @@ def test_console_script_is_installed(llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_same_tensors(read_tensors(tmp_path / "o"), ref_negate(
         read_tensors(llama.base), read_tensors(llama.tuned), 1.0))
+
+
+@pytest.mark.parametrize("legacy_side", ["base", "tuned"])
+def test_names_match_across_a_prefix_one_side_lacks(gpt2, tmp_path, legacy_side):
+    """The hub's GPT-2 stores `h.0.…` where save_pretrained writes `transformer.h.0.…`: the
+    same tensors, matched by name; the output keeps the base's names."""
+    legacy = tmp_path / f"legacy_{legacy_side}"
+    shutil.copytree(getattr(gpt2, legacy_side), legacy)
+    renamed = {k.removeprefix("transformer."): v
+               for k, v in read_tensors(getattr(gpt2, legacy_side)).items()}
+    for path in legacy.glob("*.safetensors"):
+        path.unlink()
+    (legacy / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
+    base, tuned = (legacy, gpt2.tuned) if legacy_side == "base" else (gpt2.base, legacy)
+
+    out = taskvec.negate(base, tuned, tmp_path / "o", scale=1.5)
+    expected = ref_negate(read_tensors(gpt2.base), read_tensors(gpt2.tuned), 1.5)
+    if legacy_side == "base":
+        expected = {k.removeprefix("transformer."): v for k, v in expected.items()}
+    assert_same_tensors(read_tensors(out), expected)
