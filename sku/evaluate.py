@@ -132,10 +132,12 @@ def snapshots(run: Path) -> list[tuple[int, Path]]:
 def snapshot_kind(folder: Path) -> str:
     """A snapshot as `sku unlearn` writes it: "adapter" (LoRA runs) or "task_vector"
     (θ_s − θ_o of a full fine-tune)."""
-    if (folder / "adapter_config.json").is_file():
+    import taskvec
+
+    found = taskvec.kind(folder)
+    if found == "lora_adapter":
         return "adapter"
-    provenance = folder / "taskvec.json"
-    if provenance.is_file() and _read_json(provenance).get("kind") == "task_vector":
+    if found == "task_vector":
         return "task_vector"
     raise SkuError(f"{folder}: neither a LoRA adapter nor a taskvec task vector")
 

@@ -7,9 +7,12 @@ Every operation plans from headers, streams tensors in bounded memory, computes 
 rounds once, and writes atomically (temporary sibling, fsync, rename).
 """
 
-from taskvec.arithmetic import apply, diff, negate, negate_adapter
+from taskvec.arithmetic import apply, diff, kind, negate, negate_adapter
 from taskvec.errors import TaskVecError
 from taskvec.inspection import info, verify
 from taskvec.resolve import resolve
 
-__all__ = ["TaskVecError", "apply", "diff", "info", "negate", "negate_adapter", "resolve", "verify"]
+__all__ = [
+    "TaskVecError", "apply", "diff", "info", "kind", "negate", "negate_adapter", "resolve",
+    "verify",
+]

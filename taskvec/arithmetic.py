@@ -258,14 +258,25 @@ class AdapterDelta(DeltaSource):
         return True
 
 
-def _open_source(path: Path) -> DeltaSource:
+def kind(path: Path) -> str:
+    """"lora_adapter", "task_vector" (written by `diff`, per its taskvec.json) or "model"."""
+    path = Path(path)
     if is_adapter(path):
+        return "lora_adapter"
+    provenance = (path if path.is_dir() else path.parent) / PROVENANCE_NAME
+    try:
+        recorded = json.loads(provenance.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return "task_vector" if recorded == "task_vector" else "model"
+
+
+def _open_source(path: Path) -> DeltaSource:
+    source_kind = kind(path)
+    if source_kind == "lora_adapter":
         return AdapterDelta(Adapter(path))
     ckpt = Checkpoint(path)
-    provenance = ckpt.folder / PROVENANCE_NAME
-    if provenance.is_file() and '"task_vector"' in provenance.read_text():
-        return VectorDelta(ckpt)
-    return FullDelta(ckpt)
+    return VectorDelta(ckpt) if source_kind == "task_vector" else FullDelta(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ its files are sound."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import torch
 
 from taskvec.adapter import Adapter, is_adapter
-from taskvec.arithmetic import PROVENANCE_NAME
+from taskvec.arithmetic import kind as checkpoint_kind
 from taskvec.errors import TaskVecError
 from taskvec.reader import DTYPES, FLOAT_DTYPES, Checkpoint, read_header
 from taskvec.resolve import resolve
@@ -24,16 +23,6 @@ def layer_of(name: str) -> str:
     """Group key for per-layer norms: 'layers.7', or the tensor's own name outside layers."""
     match = _LAYER.search(name)
     return f"layers.{match[1]}" if match else name.removeprefix("base_model.model.")
-
-
-def _kind(path: Path) -> str:
-    if is_adapter(path):
-        return "lora_adapter"
-    provenance = path / PROVENANCE_NAME if path.is_dir() else None
-    if provenance and provenance.is_file():
-        if json.loads(provenance.read_text()).get("kind") == "task_vector":
-            return "task_vector"
-    return "model"
 
 
 def _dtype_name(code: str) -> str:
@@ -50,7 +39,7 @@ def _sorted_layers(sums: dict[str, float]) -> dict[str, float]:
 def info(path) -> dict:
     """Kind, tensor count, dtypes, bytes; per-layer delta norms for vectors and adapters."""
     path = resolve(path)
-    kind = _kind(path)
+    kind = checkpoint_kind(path)
     adapter = Adapter(path) if kind == "lora_adapter" else None
     ckpt = adapter.checkpoint if adapter else Checkpoint(path)
     tensors = ckpt.tensors.values()
@@ -109,5 +98,5 @@ def verify(path) -> dict:
                     raise TaskVecError(f"{t.path}: tensor {t.name}: holds NaN/Inf")
     finally:
         ckpt.close()
-    return {"path": str(path), "kind": _kind(path), "shards": len(ckpt.shards),
+    return {"path": str(path), "kind": checkpoint_kind(path), "shards": len(ckpt.shards),
             "tensors": len(ckpt.tensors), "bytes": sum(t.nbytes for t in ckpt.tensors.values())}

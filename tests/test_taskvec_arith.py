@@ -299,3 +299,16 @@ def test_names_match_across_a_prefix_one_side_lacks(gpt2, tmp_path, legacy_side)
     if legacy_side == "base":
         expected = {k.removeprefix("transformer."): v for k, v in expected.items()}
     assert_same_tensors(read_tensors(out), expected)
+
+
+def test_a_model_stays_a_model_whatever_its_provenance_mentions(llama, tmp_path, monkeypatch):
+    """A model whose taskvec.json names an input folder called `task_vector` is still a model:
+    the kind comes from the recorded `kind`, not from any text in the file."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(llama.tuned, tmp_path / "task_vector")
+    first = taskvec.negate(llama.base, "task_vector", "first")
+    assert taskvec.kind(first) == "model"
+    assert taskvec.kind(taskvec.diff(llama.base, first, "vector")) == "task_vector"
+    second = taskvec.negate(llama.base, first, "second", scale=0.5)
+    expected = ref_negate(read_tensors(llama.base), read_tensors(first), 0.5)
+    assert_same_tensors(read_tensors(second), expected)
