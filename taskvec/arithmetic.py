@@ -137,6 +137,14 @@ def _read_fp32(ckpt: Checkpoint, info: TensorInfo, r0: int, r1: int, raw: bytear
     out.copy_(as_tensor(ckpt.read_into(info, r0, r1 - r0, raw), info.dtype))
 
 
+def _refuse_missing(holder, other, names) -> None:
+    """One line naming the first tensor `holder` has and `other` lacks, and how many more."""
+    names = sorted(names)
+    if names:
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise TaskVecError(f"{holder}: tensor {names[0]} is missing from {other}{more}")
+
+
 class CheckpointDelta(DeltaSource):
     """A full checkpoint read tensor by tensor: a fine-tuned model (delta = t − b) or a
     stored task vector (delta = v). Tensors are matched to the base's by name, tolerating a
@@ -156,15 +164,9 @@ class CheckpointDelta(DeltaSource):
     def check(self, plan: Plan) -> None:
         base = plan.base
         matched = match_names(self.checkpoint.tensors, base.tensors)
-        extra = sorted(n for n, b in matched.items() if b is None)
-        if extra:
-            raise TaskVecError(f"{self.label}: tensor {extra[0]} is missing from {base.path}"
-                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        _refuse_missing(self.label, base.path, [n for n, b in matched.items() if b is None])
         self.names = {b: n for n, b in matched.items()}
-        missing = sorted(set(base.tensors) - set(self.names))
-        if missing:
-            raise TaskVecError(f"{base.path}: tensor {missing[0]} is missing from {self.label}"
-                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        _refuse_missing(base.path, self.label, set(base.tensors) - set(self.names))
         for name, info in base.tensors.items():
             other = self.checkpoint.tensors[self.names[name]]
             self.check_dtype(name, info, other)
