@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install sass-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,10 @@ test: $(BIN)/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+
+# The kernels' sm_90 SASS under the triton this venv has and under 3.7.1 (what torch 2.13's
+# CUDA build pins): no GPU needed, triton's bundled ptxas compiles it (one 120 MB download).
+TRITON_PINNED := .cache/triton-3.7.1
+sass-check: $(BIN)/.installed
+	test -d $(TRITON_PINNED) || $(BIN)/python -m pip install -q --no-deps --target $(TRITON_PINNED) triton==3.7.1
+	SKU_SASS_TRITON=$(abspath $(TRITON_PINNED)) $(BIN)/python -m pytest -q -rw tests/test_kernels_triton.py -k h100
