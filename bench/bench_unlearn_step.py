@@ -110,7 +110,7 @@ def bench_ours(config, device, steps: int, checkpointing: bool):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = with_lora(model)
-    fused = FusedLoss(model, "cache").train()
+    fused = FusedLoss(model, "cache", dtype).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     batch, _ = sku_rows(config.vocab_size)
     inputs = batch.inputs(device)

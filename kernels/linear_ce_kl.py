@@ -203,7 +203,10 @@ def linear_ce_kl(
 
     run = _backend_run(backend, hidden.device)
     loss = _LinearCEKL.apply(hidden.reshape(n, h_dim), weight, y, th, tw, a, b, reduction, run)
-    return loss.reshape(labels.shape) if reduction == "none" else loss
+    if reduction == "none" and loss.shape != labels.shape:
+        # Only when needed: a view as the output of an FSDP2 root module loses its hooks.
+        loss = loss.reshape(labels.shape)
+    return loss
 
 
 def fused_linear_cross_entropy(

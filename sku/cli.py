@@ -4,7 +4,8 @@
 `sku judge` and `sku report` (sku/eval_cli.py).
 
 Errors in the input print one line, `sku: error: …`, and exit with status 1.
-Multi-GPU: `accelerate launch -m sku unlearn …` (DDP, FSDP or DeepSpeed).
+Multi-GPU: `accelerate launch --config_file examples/accelerate/{ddp,fsdp2}.yaml -m sku
+unlearn …` (DDP, or FSDP2 for models that outgrow one GPU; DeepSpeed is refused for now).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def _add_unlearn(commands) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--max-length", type=int, help="tokens per row, prompt and answer")
     p.add_argument("--eval-size", type=int, help="prompts per evaluation split (default 100)")
-    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="compute dtype (auto: bfloat16 on a GPU, float32 on CPU); full "
+                        "fine-tunes keep fp32 master weights under bf16/fp16 autocast")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--teacher", choices=["cache", "copy"],
                    help="full fine-tune's KL reference: cached hidden states or a frozen copy")

@@ -46,7 +46,9 @@ class UnlearnConfig:
     seed: int = 8888
     max_length: int = 512
     eval_size: int = 100
-    dtype: str = "auto"  # bfloat16 on a GPU, float32 on CPU
+    # Compute dtype: bfloat16 on a GPU, float32 on CPU. Trained weights stay fp32 under
+    # bf16/fp16 autocast (sku.model.master_dtype); a LoRA run's frozen base is held in it.
+    dtype: str = "auto"
     gradient_checkpointing: bool = False
     teacher: str = "cache"  # full fine-tune's KL reference: cached hidden states or a "copy"
 

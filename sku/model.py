@@ -24,9 +24,21 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype `--dtype` names."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def master_dtype(compute: torch.dtype, *, frozen_base: bool) -> torch.dtype:
+    """The dtype the model's parameters are held in. Trained weights stay fp32 when compute is
+    bf16/fp16 (bf16 autocast over fp32 master weights): AdamW stepping bf16 parameters rounds
+    away every update below half a bf16 step (all norm weights, and most late updates under
+    linear decay). A LoRA run's frozen base stays in the compute dtype; peft keeps the adapters
+    themselves in fp32."""
+    if frozen_base or compute.itemsize > 2:
+        return compute
+    return torch.float32
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -67,14 +79,15 @@ def _quantization(kind: str, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_model(config, device: torch.device) -> nn.Module:
-    """The model to train: the causal LM, wrapped by peft when config.lora."""
+def load_model(config, compute: torch.dtype, params: torch.dtype, device: torch.device
+               ) -> nn.Module:
+    """The model to train, its parameters in `params` (see master_dtype): the causal LM,
+    wrapped by peft when config.lora."""
     from transformers import AutoModelForCausalLM
 
-    dtype = resolve_dtype(config.dtype, device)
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": params}
     if config.quantize:
-        kwargs["quantization_config"] = _quantization(config.quantize, dtype)
+        kwargs["quantization_config"] = _quantization(config.quantize, compute)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
@@ -124,12 +137,15 @@ class FusedLoss(nn.Module):
     """The module accelerate wraps: every parameter it trains is used inside forward, as
     DDP and FSDP require. Returns the per-position loss of linear_ce_kl."""
 
-    def __init__(self, model: nn.Module, teacher: str | None):
+    def __init__(self, model: nn.Module, teacher: str | None, compute: torch.dtype):
         """teacher: how to reach θ_o for KL terms: "cache" (hidden states cached by the caller
         before training), "copy", or None when no term needs it; LoRA models always disable
-        their adapter instead."""
+        their adapter instead. compute: the dtype the fused loss runs in, whatever the
+        parameters are held in (fp32 master weights under bf16 autocast)."""
         super().__init__()
-        self.model = model
+        self.model, self.compute = model, compute
+        # What FSDP's transformer auto-wrap policy shards by: the causal LM's decoder layers.
+        self._no_split_modules = getattr(causal_lm(model), "_no_split_modules", None)
         if teacher is not None and hasattr(model, "disable_adapter"):
             teacher = "adapter"
         self.teacher = teacher
@@ -137,7 +153,7 @@ class FusedLoss(nn.Module):
         # Frozen parameters, not buffers: DDP broadcasts buffers at every step.
         self.teacher_model = self.teacher_head = None
         if self.teacher == "copy":
-            self.teacher_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.teacher_model = copy.deepcopy(model).eval().requires_grad_(False).to(compute)
             self.teacher_head = causal_lm(self.teacher_model).get_output_embeddings().weight
         elif self.teacher == "cache":
             self.teacher_head = nn.Parameter(head.detach().clone(), requires_grad=False)
@@ -157,9 +173,11 @@ class FusedLoss(nn.Module):
                 teacher_hidden=None):
         hidden = final_hidden_states(self.model, input_ids, attention_mask)
         width = hidden.shape[1]
-        head = causal_lm(self.model).get_output_embeddings().weight
-        # k-bit preparation upcasts the final norm, and with it the hidden states.
-        hidden = hidden.flatten(0, 1)[positions].to(head.dtype)
+        # In the compute dtype: autocast leaves a custom autograd Function's inputs alone, fp32
+        # master weights and k-bit preparation (which upcasts the final norm and the head)
+        # would otherwise run the LM-head GEMMs in fp32. dW flows back through the cast.
+        head = causal_lm(self.model).get_output_embeddings().weight.to(self.compute)
+        hidden = hidden.flatten(0, 1)[positions].to(self.compute)
         kl_rows = kl_weight != 0
         if not kl_rows.any():
             return linear_ce_kl(hidden, head, labels, ce_weight=ce_weight, reduction="none")
@@ -169,6 +187,7 @@ class FusedLoss(nn.Module):
             index = torch.searchsorted(rows, positions[kl_rows] // width) * width
             teacher_hidden = hidden.new_zeros(hidden.shape[0], reference.shape[-1])
             teacher_hidden[kl_rows] = reference.flatten(0, 1)[index + positions[kl_rows] % width]
-        return linear_ce_kl(hidden, head, labels, teacher_hidden=teacher_hidden,
-                            teacher_weight=self.teacher_head, ce_weight=ce_weight,
+        teacher_head = None if self.teacher_head is None else self.teacher_head.to(self.compute)
+        return linear_ce_kl(hidden, head, labels, teacher_hidden=teacher_hidden.to(self.compute),
+                            teacher_weight=teacher_head, ce_weight=ce_weight,
                             kl_weight=kl_weight, reduction="none")

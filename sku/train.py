@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import resource
 import time
 from contextlib import nullcontext
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sku.batch import StepBuilder, answer_positions, pad_batch, pad_id
@@ -96,26 +94,31 @@ def train(fused, optimizer, scheduler, builder: StepBuilder, accelerator, *, sta
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: trainable parameters, optimizer, scheduler, every process's RNG, and the step.
+# Checkpoints are accelerate's own state: the model (its shards under FSDP, else the trainable
+# tensors only), the optimizer, the registered scheduler, every process's RNG; plus the step.
 # The rows of a step are a pure function of (seed, step), so the step is the data position.
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def keep_trainable(models, weights, output_dir) -> None:
+    """save_state pre-hook: checkpoint the trained tensors, not a LoRA run's frozen base
+    (under FSDP accelerate saves the shards itself and `weights` is empty)."""
+    for model, state in zip(models, weights, strict=False):  # weights is [] under FSDP
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        for name in [n for n in state if n not in trained]:
+            del state[name]
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, accelerator) -> None:
-    from accelerate.utils import gather_object
+def save_checkpoint(folder: Path, step: int, accelerator) -> None:
+    """Every process writes its part into one temporary sibling; the main process swaps it in
+    once all parts and step.json are there, so a kill never leaves half a checkpoint."""
+    from accelerate.utils import broadcast_object_list
 
-    rng = gather_object([_rng_state()])
-    if accelerator.is_main_process:
-        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters()
-                     if p.requires_grad}
-        with OutputDir(folder, force=True) as tmp:
-            save_file(trainable, tmp / "trainable.safetensors")
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng}, tmp / "state.pt")
+    main = accelerator.is_main_process
+    with OutputDir(folder, force=True) if main else nullcontext() as tmp:
+        tmp = Path(broadcast_object_list([str(tmp) if main else ""])[0])
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if main:
             (tmp / "step.json").write_text(json.dumps({"step": step}) + "\n")
     accelerator.wait_for_everyone()
 
@@ -125,19 +128,6 @@ def checkpoint_step(folder: Path) -> int | None:
     return json.loads(path.read_text())["step"] if path.is_file() else None
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, accelerator) -> int:
-    trainable = load_file(folder / "trainable.safetensors")
-    missing = trainable.keys() - {n for n, p in model.named_parameters() if p.requires_grad}
-    if missing:
-        raise SkuError(f"{folder}: checkpoint holds {sorted(missing)[0]}, which this run "
-                       "does not train (another model or method?)")
-    model.load_state_dict(trainable, strict=False)
-    state = torch.load(folder / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][accelerator.process_index % len(state["rng"])]
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def load_checkpoint(folder: Path, accelerator) -> int:
+    accelerator.load_state(folder, strict=False)  # strict=False: only trained tensors saved
     return checkpoint_step(folder)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -34,11 +35,12 @@ from sku.data import (
 from sku.errors import SkuError
 from sku.io import write_json
 from sku.methods import METHODS, Method
-from sku.model import FusedLoss, load_model
+from sku.model import FusedLoss, load_model, master_dtype, resolve_dtype
 from sku.train import (
     NonFiniteLoss,
     cache_teacher,
     checkpoint_step,
+    keep_trainable,
     load_checkpoint,
     save_checkpoint,
     train,
@@ -196,27 +198,31 @@ class Saver:
         self.lora, self.base, self.base_dtype = config.lora, base, base_dtype
 
     def save(self, folder: Path) -> None:
+        """From the full state dict accelerate gathers on the main process (under FSDP the
+        parameters themselves are shards): a collective, so every process calls it."""
         accelerator = self.accelerator
         model = accelerator.unwrap_model(self.fused).model
-        state = None if self.lora else accelerator.get_state_dict(self.fused)  # collective
+        state = accelerator.get_state_dict(self.fused)
         if accelerator.is_main_process:
             with OutputDir(folder, force=True) as tmp:
-                if self.lora:
-                    model.save_pretrained(tmp)
+                if self.lora:  # peft keeps the adapter's tensors of the whole state
+                    model.save_pretrained(tmp, state_dict=self._own(state, None))
                 else:
-                    model.save_pretrained(tmp, state_dict=self._cast(state))
+                    model.save_pretrained(tmp, state_dict=self._own(state, self.base_dtype))
                     self.tokenizer.save_pretrained(tmp)
         accelerator.wait_for_everyone()
 
-    def _cast(self, state: dict) -> dict:
-        """The causal LM's tensors in the base dtype. Tied tensors (a head tied to the
-        embeddings) stay one tensor: save_pretrained drops tied duplicates only then."""
+    @staticmethod
+    def _own(state: dict, dtype: torch.dtype | None) -> dict:
+        """The trained model's tensors (not FusedLoss's teacher), cast to `dtype` (the
+        original's: fp32 master weights are rounded once, here). Tied tensors (a head tied to
+        the embeddings) stay one tensor: save_pretrained drops tied duplicates only then."""
         cast, by_storage = {}, {}
         for name, tensor in state.items():
             if name.startswith("model."):
                 key = (tensor.data_ptr(), tensor.shape)
                 if key not in by_storage:
-                    by_storage[key] = tensor.to(self.base_dtype)
+                    by_storage[key] = tensor if dtype is None else tensor.to(dtype)
                 cast[name.removeprefix("model.")] = by_storage[key]
         return cast
 
@@ -245,27 +251,29 @@ def _truncate_log(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def _stage1(config: UnlearnConfig, method: Method, accelerator, tokenizer, pools, out: Path,
-            micro: int, resume: bool) -> None:
+def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Precision,
+            tokenizer, pools, out: Path, micro: int, resume: bool) -> None:
     device = accelerator.device
-    model = load_model(config, device)
+    model = load_model(config, precision.compute, precision.params, device)
     _, base_dtype = base_checkpoint(config.model, lora=config.lora)
     if not config.quantize:
         model.to(device)
     builder = StepBuilder(method, config.eps, pools, tokenizer, batch_size=config.batch_size,
                           k=config.k, max_length=config.max_length, seed=config.seed)
     needs_reference = any(t.loss == "kl" for t, _ in builder.terms)
-    fused = FusedLoss(model, config.teacher if needs_reference else None)
+    fused = FusedLoss(model, config.teacher if needs_reference else None, precision.compute)
     cache = None
     if fused.teacher == "cache":
-        cache = cache_teacher(fused, pools["normal"], tokenizer, config.max_length, device)
+        with accelerator.autocast():  # θ_o's states as the student computes its own
+            cache = cache_teacher(fused, pools["normal"], tokenizer, config.max_length, device)
     optimizer = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad],
                                   lr=config.lr, weight_decay=config.weight_decay)
     fused, optimizer = accelerator.prepare(fused, optimizer)
-    # Not prepared: accelerate would step it once per process.
+    # Not prepared: accelerate would step it once per process; checkpointed with its state.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))
-    trained = accelerator.unwrap_model(fused).model
+    accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_save_state_pre_hook(keep_trainable)
     saver = Saver(accelerator, fused, tokenizer, config, out / THETA_O, base_dtype)
     if not config.lora and not (out / THETA_O).is_dir():
         # Before any step (and before a resumed checkpoint is loaded) the model is θ_o.
@@ -275,7 +283,7 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, tokenizer, pools
     checkpoint, log = out / "checkpoint", out / "train_log.jsonl"
     start = 0
     if resume and checkpoint_step(checkpoint) is not None:
-        start = load_checkpoint(checkpoint, trained, optimizer, scheduler, accelerator)
+        start = load_checkpoint(checkpoint, accelerator)
     if accelerator.is_main_process:
         _truncate_log(log, start)
 
@@ -285,7 +293,7 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, tokenizer, pools
         if step in config.save_steps:
             saver.snapshot(out / "snapshots" / f"step-{step}")
         if step % config.checkpoint_every == 0 and step < config.max_steps:
-            save_checkpoint(checkpoint, step, trained, optimizer, scheduler, accelerator)
+            save_checkpoint(checkpoint, step, accelerator)
 
     try:
         train(fused, optimizer, scheduler, builder, accelerator, start_step=start,
@@ -312,16 +320,70 @@ def _stage2(config: UnlearnConfig, method: Method, tokenizer, out: Path) -> None
         tokenizer.save_pretrained(final)
 
 
-def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False) -> Path:
-    """Run stage 1 and stage 2 of `config.method` into `config.out`, or continue it (resume),
-    or replace it (force); returns the final model's folder."""
-    from accelerate import Accelerator
+@dataclass(frozen=True)
+class Precision:
+    """compute: the dtype forward and backward run in (`--dtype`); params: the dtype the
+    parameters are held in (fp32 master weights under bf16/fp16 autocast, see master_dtype)."""
 
-    accelerator = Accelerator()
+    compute: torch.dtype
+    params: torch.dtype
+
+    def as_dict(self) -> dict:
+        return {"compute": str(self.compute).removeprefix("torch."),
+                "parameters": str(self.params).removeprefix("torch.")}
+
+
+_AUTOCAST = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+
+
+def _accelerator(config: UnlearnConfig):
+    """The Accelerator of a run and its precision, after refusing what cannot work: each
+    refusal is a setting that would otherwise run, silently, not as asked."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1"):
+        raise SkuError("DeepSpeed is not supported yet (its checkpoints are untested here); "
+                       "shard with FSDP2: accelerate launch --use_fsdp --fsdp_version 2")
+    if _fsdp_requested():
+        if config.quantize:
+            raise SkuError("FSDP cannot shard a 4-bit/8-bit base; train QLoRA with DDP "
+                           "(accelerate launch without --use_fsdp)")
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise SkuError("FSDP1 is not supported: launch with --use_fsdp --fsdp_version 2")
+    # The device accelerate will pick, decided before it starts: its mixed precision is fixed
+    # at construction (and an early PartialState would miss ACCELERATE_USE_CPU under torchrun).
+    on_cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    compute = resolve_dtype(config.dtype, torch.device("cpu" if on_cpu else "cuda"))
+    # Under FSDP a LoRA run's frozen base is sharded in fp32 too: FSDP2 all-gathers one dtype
+    # per group, cast to the compute dtype by its mixed-precision policy.
+    params = master_dtype(compute, frozen_base=config.lora and not _fsdp_requested())
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one process-wide state whose mixed precision cannot change; Python
+        # callers (and `sku demo`) run several unlearn() calls in one process, each its own.
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=_AUTOCAST.get(compute) if params != compute
+                              else "no")
+    if _fsdp_requested() and accelerator.distributed_type != DistributedType.FSDP:
+        raise SkuError(f"FSDP was requested but accelerate runs {accelerator.distributed_type}"
+                       " here (it shards on GPUs only), which would not shard; on CPU launch "
+                       "without --use_fsdp (DDP)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SkuError(f"launched as {launched} processes but accelerate sees "
                        f"{accelerator.num_processes}; on CPU set ACCELERATE_USE_CPU=1")
+    return accelerator, Precision(compute, params)
+
+
+def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False) -> Path:
+    """Run stage 1 and stage 2 of `config.method` into `config.out`, or continue it (resume),
+    or replace it (force); returns the final model's folder."""
+    accelerator, precision = _accelerator(config)
     method, out = METHODS[config.method], Path(config.out)
     micro = _micro_batch_size(config, accelerator.num_processes)
     _prepare_folder(out, config, accelerator, resume=resume, force=force)
@@ -335,9 +397,10 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
             "method": {"negate": method.negate, "terms": {
                 t.name: w for t, w in method.active_terms(tuple(config.eps))}},
             "world_size": accelerator.num_processes, "micro_batch_size": micro,
+            "distributed": str(accelerator.distributed_type), "precision": precision.as_dict(),
             "device": str(accelerator.device), "data": provenance, "versions": _versions()})
     if not (out / stage1_name(method, config.lora)).exists():
-        _stage1(config, method, accelerator, tokenizer, pools, out, micro, resume)
+        _stage1(config, method, accelerator, precision, tokenizer, pools, out, micro, resume)
     if accelerator.is_main_process and not (out / "model").exists():
         _stage2(config, method, tokenizer, out)
     accelerator.wait_for_everyone()

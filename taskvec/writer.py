@@ -62,9 +62,14 @@ class OutputDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         try:
-            for f in self.tmp.iterdir():
-                with open(f, "rb") as handle:
-                    os.fsync(handle.fileno())
+            # Files in subfolders too (accelerate's sharded checkpoints), each folder after
+            # its files.
+            for f in sorted(self.tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if f.is_dir():
+                    _fsync_dir(f)
+                else:
+                    with open(f, "rb") as handle:
+                        os.fsync(handle.fileno())
             _fsync_dir(self.tmp)
             if self.out.exists():
                 # Keep the old output until the new one is complete, then swap.

@@ -106,7 +106,7 @@ def test_full_fine_tune_step_equals_the_reference(tmp_path_factory, method, teac
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
     original = copy.deepcopy(model).eval()
     builder = _builder(method, tokenizer)
-    fused = FusedLoss(model, teacher)
+    fused = FusedLoss(model, teacher, torch.float64)
     cache = None
     if teacher == "cache" and method != "ft":
         cache = cache_teacher(fused, builder.pools["normal"], tokenizer, 64, "cpu")
@@ -126,12 +126,12 @@ def test_lora_step_uses_the_model_without_its_adapter_as_reference(tmp_path_fact
     config = resolve_config(
         {"method": "sku", "model": str(folder), "forget_data": "", "normal_data": "", "out": ""},
         None, {"lora": True, "lora_r": 4, "lora_alpha": 8, "dtype": "float64"})
-    model = load_model(config, torch.device("cpu"))
+    model = load_model(config, torch.float64, torch.float64, torch.device("cpu"))
     parameters = [p for p in model.parameters() if p.requires_grad]
     assert parameters and all("lora_" in n for n, p in model.named_parameters()
                               if p.requires_grad)
     _perturb(parameters)  # LoRA B starts at zero; make the adapter act
-    fused = FusedLoss(model, "cache")
+    fused = FusedLoss(model, "cache", torch.float64)
     assert fused.teacher == "adapter"
     builder = _builder("sku", tokenizer)
     fused_loss = _fused_step(fused, builder)
