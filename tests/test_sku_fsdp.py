@@ -1,5 +1,6 @@
-"""`sku unlearn` sharded with accelerate's FSDP2 over two gloo CPU processes: the same θ_bad as one
-process at the same effective batch, exact resume after a SIGKILL, and the refusals.
+"""`sku unlearn` sharded with accelerate's FSDP2 over two gloo CPU processes: the same θ_bad (full
+fine-tune and LoRA) as one process at the same effective batch, exact resume after a SIGKILL,
+and the refusals.
 
 accelerate shards on GPUs only; tests/launchers/fsdp_cpu.py lifts that one check (see its
 docstring), so accelerate's own FSDP2 path (fully_shard, sharded save_state/load_state, the
@@ -77,6 +78,17 @@ def test_fsdp2_theta_bad_equals_one_process(single, sharded):
     losses = [[json.loads(line)["loss"] for line in (run / "train_log.jsonl").open()]
               for run in (single, sharded)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_fsdp2_lora_adapter_equals_one_process(llama, tmp_path):
+    """LoRA under FSDP2 (its frozen base sharded too): the adapter of one process."""
+    lora = ("--lora", "--lora-r", "4", "--max-steps", "4")
+    assert main(unlearn_args("sku", llama, tmp_path / "single", *ARGS, *lora)) == 0
+    _fsdp(llama, tmp_path / "fsdp", *lora)
+    one, two = (read_state(tmp_path / run / "theta_bad") for run in ("single", "fsdp"))
+    assert one.keys() == two.keys() and all("lora_" in name for name in one)
+    for name in one:
+        assert (two[name] - one[name]).norm() <= 1e-4 * one[name].norm(), name
 
 
 def _kill_after_checkpoint(command: list[str], env: dict, step_json: Path, at_least: int) -> int:
