@@ -20,8 +20,10 @@ from taskvec.writer import OutputDir
 
 
 class NonFiniteLoss(SkuError):
-    def __init__(self, step: int, value: float):
-        super().__init__(f"loss is {value} at step {step}")
+    """A NaN/Inf loss at `step`, or weights that are not finite after it."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"{what} at step {step}")
         self.step = step
 
 
@@ -80,7 +82,7 @@ def train(fused, optimizer, scheduler, builder: StepBuilder, accelerator, *, sta
         sums = accelerator.reduce(sums, "sum").tolist()
         loss = sum(sums[:-1])
         if not math.isfinite(loss):
-            raise NonFiniteLoss(step + 1, loss)
+            raise NonFiniteLoss(step + 1, f"loss is {loss}")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -108,11 +110,23 @@ def keep_trainable(models, weights, output_dir) -> None:
             del state[name]
 
 
-def save_checkpoint(folder: Path, step: int, accelerator) -> None:
+def _weights_finite(model, accelerator) -> bool:
+    """Every trained tensor finite on every process (its local shard under FSDP)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()
+             if p.requires_grad]
+    bad = torch.tensor(float(not all(torch.isfinite(t).all() for t in local)),
+                       device=accelerator.device)
+    return accelerator.reduce(bad, "sum").item() == 0
+
+
+def save_checkpoint(folder: Path, step: int, accelerator, model) -> None:
     """Every process writes its part into one temporary sibling; the main process swaps it in
-    once all parts and step.json are there, so a kill never leaves half a checkpoint."""
+    once all parts and step.json are there, so a kill never leaves half a checkpoint. Weights
+    that are not finite are never checkpointed: the last good one stays."""
     from accelerate.utils import broadcast_object_list
 
+    if not _weights_finite(model, accelerator):
+        raise NonFiniteLoss(step, "weights are not finite")
     main = accelerator.is_main_process
     with OutputDir(folder, force=True) if main else nullcontext() as tmp:
         tmp = Path(broadcast_object_list([str(tmp) if main else ""])[0])
@@ -128,6 +142,12 @@ def checkpoint_step(folder: Path) -> int | None:
     return json.loads(path.read_text())["step"] if path.is_file() else None
 
 
-def load_checkpoint(folder: Path, accelerator) -> int:
+def load_checkpoint(folder: Path, accelerator, optimizer, scheduler, lr: float) -> int:
+    """The checkpoint's state, continuing its schedule from base rate `lr`: the same one
+    unless a recovery (a NaN stop) resumes with a lower --lr."""
     accelerator.load_state(folder, strict=False)  # strict=False: only trained tensors saved
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     return checkpoint_step(folder)

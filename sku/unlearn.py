@@ -159,18 +159,27 @@ def _micro_batch_size(config: UnlearnConfig, world: int) -> int:
     return micro
 
 
+# Settings a --resume may change: what recovering from a NaN stop needs. Recorded in run.json.
+RESUME_MAY_CHANGE = {"lr"}
+
+
 def _prepare_folder(out: Path, config: UnlearnConfig, accelerator, *, resume: bool,
-                    force: bool) -> None:
-    """Checks on every process (so all raise together), changes on the main one."""
+                    force: bool) -> dict:
+    """Checks on every process (so all raise together), changes on the main one. Returns the
+    settings a resume changes, {key: [was, now]}."""
     run_json = out / "run.json"
+    changed = {}
     if resume:
         if not run_json.is_file():
             raise SkuError(f"{out}: nothing to resume (no run.json)")
         saved, now = json.loads(run_json.read_text())["config"], config.as_dict()
         for key in saved.keys() - {"out"}:
             if saved[key] != now.get(key):
-                raise SkuError(f"{out}: --resume with other settings: {key} was "
-                               f"{saved[key]!r}, now {now.get(key)!r}")
+                if key not in RESUME_MAY_CHANGE:
+                    raise SkuError(f"{out}: --resume with other settings: {key} was "
+                                   f"{saved[key]!r}, now {now.get(key)!r} (only "
+                                   f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
+                changed[key] = [saved[key], now[key]]
     elif out.exists() and any(out.iterdir()):
         if not force:
             raise SkuError(f"{out}: already exists (pass --resume to continue it, or --force "
@@ -186,6 +195,7 @@ def _prepare_folder(out: Path, config: UnlearnConfig, accelerator, *, resume: bo
             shutil.rmtree(out)
         (out / "snapshots").mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+    return changed
 
 
 class Saver:
@@ -283,7 +293,7 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
     checkpoint, log = out / "checkpoint", out / "train_log.jsonl"
     start = 0
     if resume and checkpoint_step(checkpoint) is not None:
-        start = load_checkpoint(checkpoint, accelerator)
+        start = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, config.lr)
     if accelerator.is_main_process:
         _truncate_log(log, start)
 
@@ -293,7 +303,7 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
         if step in config.save_steps:
             saver.snapshot(out / "snapshots" / f"step-{step}")
         if step % config.checkpoint_every == 0 and step < config.max_steps:
-            save_checkpoint(checkpoint, step, accelerator)
+            save_checkpoint(checkpoint, step, accelerator, fused)
 
     try:
         train(fused, optimizer, scheduler, builder, accelerator, start_step=start,
@@ -302,7 +312,8 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
     except NonFiniteLoss as e:
         last = checkpoint_step(checkpoint)
         kept = (f"the last good checkpoint (step {last}) is kept in {checkpoint}; fix the "
-                "cause (lower --lr?) and --resume" if last else "no checkpoint was saved yet")
+                "cause and --resume (a lower --lr is accepted)" if last
+                else "no checkpoint was saved yet")
         raise SkuError(f"{e}: stopped; {kept}") from None
     saver.save(out / stage1_name(method, config.lora))
     if accelerator.is_main_process:
@@ -386,10 +397,16 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
     accelerator, precision = _accelerator(config)
     method, out = METHODS[config.method], Path(config.out)
     micro = _micro_batch_size(config, accelerator.num_processes)
-    _prepare_folder(out, config, accelerator, resume=resume, force=force)
+    changed = _prepare_folder(out, config, accelerator, resume=resume, force=force)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model)
     pools, splits, provenance = prepare_data(config, method, tokenizer)
+    if accelerator.is_main_process and changed:
+        run = json.loads((out / "run.json").read_text())
+        run["config"].update({key: now for key, (_, now) in changed.items()})
+        run.setdefault("resumed_with", []).append({
+            "from_step": checkpoint_step(out / "checkpoint"), "changed": changed})
+        write_json(out / "run.json", run)
     if accelerator.is_main_process and not resume:
         write_json(out / "splits.json", splits_json(splits, seed=config.seed, **provenance))
         write_json(out / "run.json", {

@@ -218,6 +218,49 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(llama, tmp_pat
     assert not (run / "theta_bad").exists() and not (run / "model").exists()
     assert [r["step"] for r in _log(run)] == [1, 2, 3, 4]
 
+    # The advised recovery: a lower --lr from the last good checkpoint, on the same schedule.
+    monkeypatch.setattr(sku.model, "linear_ce_kl", original)
+    refused = main(unlearn_args("sku", llama, run, "--max-steps", "8", "--checkpoint-every",
+                                "2", "--k", "3", "--resume"))
+    assert refused == 1 and "only lr may change" in capsys.readouterr().err
+    _run(*unlearn_args("sku", llama, run, "--max-steps", "8", "--checkpoint-every", "2",
+                       "--lr", "5e-3", "--resume"))
+    log = _log(run)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert log[3]["lr"] == pytest.approx(1e-2 * (1 - 3 / 8))  # trained before the stop
+    for record in log[4:]:  # linear decay from step 4 on, from the new base rate
+        assert record["lr"] == pytest.approx(5e-3 * (1 - (record["step"] - 1) / 8))
+    recorded = json.loads((run / "run.json").read_text())
+    assert recorded["config"]["lr"] == 5e-3
+    assert recorded["resumed_with"] == [{"from_step": 4, "changed": {"lr": [1e-2, 5e-3]}}]
+    assert (run / "model").is_dir()
+
+
+def test_weights_that_are_not_finite_are_never_checkpointed(llama, tmp_path, monkeypatch,
+                                                            capsys):
+    """A finite loss can still step the weights to Inf: the checkpoint keeps the last good
+    state, never the poisoned one."""
+    steps = {"n": 0}
+    original = torch.optim.AdamW.step
+
+    def poison_step_4(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 4:  # after step 4's loss, before its checkpoint
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poison_step_4)
+    run = tmp_path / "run"
+    assert main(unlearn_args("sku", llama, run, "--max-steps", "8", "--checkpoint-every",
+                             "2")) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("sku: error: weights are not finite at step 4")
+    assert "last good checkpoint (step 2)" in error
+    assert json.loads((run / "checkpoint" / "step.json").read_text())["step"] == 2
+    assert all(torch.isfinite(t).all() for t in read_state(run / "checkpoint").values())
+
 
 def test_ddp_with_two_gloo_processes_equals_one_process(llama, tmp_path):
     """Equal effective batch (2 rows): 2 processes × 1 row vs 1 process × 2 rows (float64,
