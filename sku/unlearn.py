@@ -3,7 +3,8 @@
     RUN/run.json          resolved settings, method weights, world size, library versions
     RUN/splits.json       evaluation prompts: unlearned harmful, unseen harmful, normal
     RUN/train_log.jsonl   one line per step: each loss term, lr, tokens/s, memory
-    RUN/checkpoint/       the last resumable state (removed once stage 1 is saved)
+    RUN/checkpoint/       the last resumable state: accelerate save_state (sharded under FSDP),
+                          step.json; finite weights only; removed once stage 1 is saved
     RUN/snapshots/step-N/ LoRA adapter, or task vector θ_N − θ_o of a full fine-tune
     RUN/theta_bad/        stage 1 of a negating method (adapter or checkpoint)
     RUN/adapter/          stage 1 of a non-negating method trained with LoRA
@@ -193,7 +194,8 @@ def _prepare_folder(out: Path, config: UnlearnConfig, accelerator, *, resume: bo
     if accelerator.is_main_process:
         if not resume and out.exists():
             shutil.rmtree(out)
-        (out / "snapshots").mkdir(parents=True, exist_ok=True)
+        # Empty until run.json is written: a run that fails before can be rerun as it was.
+        out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return changed
 
@@ -381,9 +383,9 @@ def _accelerator(config: UnlearnConfig):
     accelerator = Accelerator(mixed_precision=_AUTOCAST.get(compute) if params != compute
                               else "no")
     if _fsdp_requested() and accelerator.distributed_type != DistributedType.FSDP:
-        raise SkuError(f"FSDP was requested but accelerate runs {accelerator.distributed_type}"
-                       " here (it shards on GPUs only), which would not shard; on CPU launch "
-                       "without --use_fsdp (DDP)")
+        raise SkuError(f"FSDP was requested, but accelerate runs {accelerator.distributed_type}"
+                       " here, which does not shard (accelerate shards on GPUs only); on CPU "
+                       "launch without --use_fsdp (DDP)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SkuError(f"launched as {launched} processes but accelerate sees "
@@ -416,8 +418,12 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
             "world_size": accelerator.num_processes, "micro_batch_size": micro,
             "distributed": str(accelerator.distributed_type), "precision": precision.as_dict(),
             "device": str(accelerator.device), "data": provenance, "versions": _versions()})
+        (out / "snapshots").mkdir()
+    accelerator.wait_for_everyone()
     if not (out / stage1_name(method, config.lora)).exists():
         _stage1(config, method, accelerator, precision, tokenizer, pools, out, micro, resume)
+    elif accelerator.is_main_process:  # killed after saving stage 1, before removing this
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
     if accelerator.is_main_process and not (out / "model").exists():
         _stage2(config, method, tokenizer, out)
     accelerator.wait_for_everyone()

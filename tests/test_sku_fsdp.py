@@ -128,8 +128,9 @@ def test_fsdp2_resume_after_sigkill_is_exact(llama, sharded, tmp_path):
 
 
 @pytest.mark.parametrize("env, launch, extra, needle", [
-    (ENV, (), (), "FSDP was requested but accelerate runs DistributedType.MULTI_CPU"),
-    ({"OMP_NUM_THREADS": "1"}, (), (), "FSDP was requested but accelerate runs DistributedType.NO"),
+    (ENV, (), (), "FSDP was requested, but accelerate runs DistributedType.MULTI_CPU"),
+    ({"OMP_NUM_THREADS": "1"}, (), (),
+     "FSDP was requested, but accelerate runs DistributedType.NO"),
     (ENV, ("--fsdp_version", "1"), (), "FSDP1 is not supported"),
     (ENV, (), ("--lora", "--load-in-4bit"), "FSDP cannot shard a 4-bit/8-bit base"),
 ])

@@ -82,6 +82,21 @@ def test_sku_full_fine_tune_run(llama, tmp_path):
         assert records[entry["record"]]["prompt"] == entry["prompt"]
 
 
+def test_resume_after_a_kill_between_stage_1_and_stage_2(llama, tmp_path):
+    """Killed after θ_bad was saved, before the checkpoint was removed and stage 2 ran: the
+    resume runs stage 2 only and leaves no checkpoint behind."""
+    run = tmp_path / "run"
+    _run(*unlearn_args("sku", llama, run, "--checkpoint-every", "2"))
+    theta_bad = read_state(run / "theta_bad")
+    shutil.rmtree(run / "model")
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "step.json").write_text('{"step": 2}\n')
+    _run(*unlearn_args("sku", llama, run, "--checkpoint-every", "2", "--resume"))
+    assert not (run / "checkpoint").exists()
+    assert all(torch.equal(theta_bad[k], v) for k, v in read_state(run / "theta_bad").items())
+    _assert_negated(run / "model", run / "theta_o", theta_bad)
+
+
 def _legacy_bin_copy(llama, folder):
     """The tiny original as pytorch_model.bin under legacy names (no `model.` prefix), as
     facebook/opt-* checkpoints are stored on the hub."""
@@ -291,6 +306,7 @@ def test_bad_data_file_is_one_line_without_traceback(llama, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"sku: error: {bad}: missing columns")
     assert "Traceback" not in proc.stderr
+    assert not any((tmp_path / "run").iterdir())  # so a corrected rerun needs no --force
 
 
 @pytest.mark.parametrize("extra, needle", [
