@@ -376,7 +376,8 @@ def _accelerator(config: UnlearnConfig):
     # Under FSDP a LoRA run's frozen base is sharded in fp32 too: FSDP2 all-gathers one dtype
     # per group, cast to the compute dtype by its mixed-precision policy.
     params = master_dtype(compute, frozen_base=config.lora and not _fsdp_requested())
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched == 1:
         # accelerate keeps one process-wide state whose mixed precision cannot change; Python
         # callers (and `sku demo`) run several unlearn() calls in one process, each its own.
         AcceleratorState._reset_state()
@@ -386,7 +387,6 @@ def _accelerator(config: UnlearnConfig):
         raise SkuError(f"FSDP was requested, but accelerate runs {accelerator.distributed_type}"
                        " here, which does not shard (accelerate shards on GPUs only); on CPU "
                        "launch without --use_fsdp (DDP)")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SkuError(f"launched as {launched} processes but accelerate sees "
                        f"{accelerator.num_processes}; on CPU set ACCELERATE_USE_CPU=1")

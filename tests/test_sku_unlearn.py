@@ -210,6 +210,13 @@ def test_resume_gives_the_uninterrupted_result(llama, tmp_path, monkeypatch, lor
     assert not (interrupted / "checkpoint").exists()
 
 
+def _stopped(llama, run, capsys) -> str:
+    """Run 8 steps, checkpointing every 2, expecting a stop: its one error line."""
+    assert main(unlearn_args("sku", llama, run, "--max-steps", "8", "--checkpoint-every",
+                             "2")) == 1
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(llama, tmp_path, monkeypatch,
                                                                  capsys):
     import sku.model
@@ -224,9 +231,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(llama, tmp_pat
 
     monkeypatch.setattr(sku.model, "linear_ce_kl", nan_from_step_5)
     run = tmp_path / "run"
-    assert main(unlearn_args("sku", llama, run, "--max-steps", "8", "--checkpoint-every",
-                             "2")) == 1
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    error = _stopped(llama, run, capsys)
     assert error.startswith("sku: error: loss is nan at step 5")
     assert "last good checkpoint (step 4)" in error
     assert json.loads((run / "checkpoint" / "step.json").read_text())["step"] == 4
@@ -268,9 +273,7 @@ def test_weights_that_are_not_finite_are_never_checkpointed(llama, tmp_path, mon
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poison_step_4)
     run = tmp_path / "run"
-    assert main(unlearn_args("sku", llama, run, "--max-steps", "8", "--checkpoint-every",
-                             "2")) == 1
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    error = _stopped(llama, run, capsys)
     assert error.startswith("sku: error: weights are not finite at step 4")
     assert "last good checkpoint (step 2)" in error
     assert json.loads((run / "checkpoint" / "step.json").read_text())["step"] == 2
