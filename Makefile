@@ -31,4 +31,4 @@ lint: $(BIN)/.installed
 TRITON_PINNED := .cache/triton-3.7.1
 sass-check: $(BIN)/.installed
 	test -d $(TRITON_PINNED) || $(BIN)/python -m pip install -q --no-deps --target $(TRITON_PINNED) triton==3.7.1
-	SKU_SASS_TRITON=$(abspath $(TRITON_PINNED)) $(BIN)/python -m pytest -q -rw tests/test_kernels_triton.py -k h100
+	SKU_SASS_TRITON=$(abspath $(TRITON_PINNED)) $(BIN)/python -m pytest -q -rw tests/kernels/test_kernels_triton.py -k h100

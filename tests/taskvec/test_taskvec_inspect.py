@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import (
-    assert_cli_error,
-    assert_one_line,
+from support.checkpoints import (
     copy_checkpoint,
     edit_tensors,
     layer_norms,
     read_header,
     read_tensors,
-    run_cli,
     write_header,
 )
+from support.cli import assert_cli_error, assert_one_line, run_cli
 
 import taskvec
 

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from sku_helpers import (
+from support.checkpoints import read_tensors
+from support.sku import (
     build_tokenizer,
-    one_torch_thread,  # noqa: F401 (autouse)
-    read_state,
     tiny_config,
     unlearn_args,
 )
@@ -36,7 +35,7 @@ def bf16_llama(tmp_path_factory):
 
 
 def _moves(original: dict, run) -> dict[str, torch.Tensor]:
-    tuned = read_state(run / "theta_bad")
+    tuned = read_tensors(run / "theta_bad")
     assert all(t.dtype == torch.bfloat16 for t in tuned.values())  # the original's dtype
     return {name: tuned[name].double() - original[name].double() for name in original}
 
@@ -49,7 +48,7 @@ def test_bf16_full_fine_tune_moves_like_float32(bf16_llama, tmp_path):
     precision = json.loads((runs["bfloat16"] / "run.json").read_text())["precision"]
     assert precision == {"compute": "bfloat16", "parameters": "float32"}
 
-    original = read_state(bf16_llama)
+    original = read_tensors(bf16_llama)
     fp32, bf16 = _moves(original, runs["float32"]), _moves(original, runs["bfloat16"])
     for name in original:
         ratio = (bf16[name].norm() / fp32[name].norm()).item()
@@ -68,8 +67,8 @@ def test_lora_adapters_stay_float32_on_a_bf16_base(bf16_llama, tmp_path):
     run = tmp_path / "lora"
     assert main(unlearn_args("sku", bf16_llama, run, "--dtype", "bfloat16", "--lora",
                              "--lora-r", "4")) == 0
-    adapter = read_state(run / "theta_bad")
+    adapter = read_tensors(run / "theta_bad")
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
     precision = json.loads((run / "run.json").read_text())["precision"]
     assert precision == {"compute": "bfloat16", "parameters": "bfloat16"}  # the frozen base
-    assert all(t.dtype == torch.bfloat16 for t in read_state(run / "model").values())
+    assert all(t.dtype == torch.bfloat16 for t in read_tensors(run / "model").values())

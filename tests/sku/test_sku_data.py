@@ -8,13 +8,12 @@ import importlib.util
 import json
 
 import pytest
-from sku_helpers import (
+from support.sku import (
     PKU_V0,
     PKU_V1,
     PLAIN,
     TRUTHFULQA,
     build_tokenizer,
-    one_torch_thread,  # noqa: F401 (autouse)
 )
 
 from sku.batch import StepBuilder, collate, draw_others

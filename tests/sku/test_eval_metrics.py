@@ -8,26 +8,12 @@ import math
 
 import pytest
 import torch
-from sku_helpers import one_torch_thread  # noqa: F401 (autouse)
+from support.sku import BLEURT_WORDS, byte_tokenizer, write_bleurt
 
 from sku.data import PROMPT_TEMPLATE
 from sku.metrics import Bleurt, MetricUnavailable, ReferenceLM
 
 N_POSITIONS = 96
-
-
-def byte_tokenizer():
-    """GPT-2's byte-level pre-tokenizer with no merges: every byte is one token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")
@@ -141,33 +127,6 @@ def test_missing_reference_model_says_why(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # BLEURT
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the a cat dog sat on mat".split()]
-
-
-def write_bleurt(folder, embedding_size=None):
-    """A tiny checkpoint in bleurt-pytorch's layout: `bleurt.` weights, model_type bleurt."""
-    from safetensors.torch import save_file
-    from transformers import BertConfig, BertForSequenceClassification
-
-    folder.mkdir(parents=True)
-    config = BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
-                        num_labels=1)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config).eval()
-    with torch.no_grad():
-        model.classifier.weight.mul_(50.0)  # scores of order 1, so differences show
-    state = {k.replace("bert.", "bleurt.", 1): v.contiguous()
-             for k, v in model.state_dict().items()}
-    save_file(state, folder / "model.safetensors")
-    saved = {**config.to_dict(), "model_type": "bleurt", "embedding_size": embedding_size,
-             "architectures": ["BleurtForSequenceClassification"]}
-    (folder / "config.json").write_text(json.dumps(saved))
-    (folder / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"do_lower_case": True, "tokenizer_class": "BleurtTokenizer"}))
-    return model
-
 
 def test_bleurt_scores_pairs_like_the_bert_classifier_it_is(tmp_path):
     model = write_bleurt(tmp_path / "bleurt")
@@ -176,7 +135,7 @@ def test_bleurt_scores_pairs_like_the_bert_classifier_it_is(tmp_path):
     candidates = ["the dog sat", "a dog"]
     scores = bleurt.score(references, candidates, batch_size=1)
 
-    ids = {w: i for i, w in enumerate(WORDS)}
+    ids = {w: i for i, w in enumerate(BLEURT_WORDS)}
     for reference, candidate, score in zip(references, candidates, scores, strict=True):
         first, second = reference.split(), candidate.split()
         input_ids = [ids["[CLS]"], *map(ids.get, first), ids["[SEP]"], *map(ids.get, second),

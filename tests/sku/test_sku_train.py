@@ -8,11 +8,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from sku_helpers import (
+from support.sku import (
     PKU_V1,
     TRUTHFULQA,
     build_tokenizer,
-    one_torch_thread,  # noqa: F401 (autouse)
     tiny_config,
     tiny_model,
 )

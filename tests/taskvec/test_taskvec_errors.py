@@ -14,18 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    assert_cli_error,
-    assert_one_line,
-    cli_env,
+from support.checkpoints import (
     copy_checkpoint,
     edit_tensors,
     last_tensor,
     read_tensors,
-    run_cli,
     tree_digest,
     write_checkpoint,
 )
+from support.cli import assert_cli_error, assert_one_line, cli_env, run_cli
 
 import taskvec
 

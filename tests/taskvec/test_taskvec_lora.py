@@ -7,16 +7,14 @@ import json
 
 import pytest
 import torch
-from conftest import (
-    assert_cli_error,
+from support.checkpoints import (
     assert_close_ulp,
-    assert_one_line,
     layer_norms,
     peft_delta,
     read_tensors,
-    run_cli,
     tree_digest,
 )
+from support.cli import assert_cli_error, assert_one_line, run_cli
 
 import taskvec
 

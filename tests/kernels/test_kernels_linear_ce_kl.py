@@ -1,8 +1,6 @@
 """sku_kernels.linear_ce_kl against a float64 full-logits oracle, for the torch backend and for
 the Triton backend (on CPU under the Triton interpreter: fp32, small shapes)."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,28 +12,7 @@ from sku_kernels import (
 )
 from sku_kernels.reference import linear_ce_kl_reference
 
-# triton 3.x reads TRITON_INTERPRET when @triton.jit decorates a function, including its own
-# tl.max/tl.sum: it must be set before triton is first imported (sku_kernels imports it lazily).
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-
 N, H, V, H_TEACHER = 37, 48, 301, 40
-
-
-def require_triton():
-    """Skip unless the Triton backend can run here: on CUDA, or in the CPU interpreter."""
-    pytest.importorskip("triton")
-    from sku_kernels import triton_backend
-
-    if not (torch.cuda.is_available() or triton_backend.INTERPRET):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 in this process; "
-                    "test_kernels_triton.py reruns the Triton tests in a fresh process")
-
-
-@pytest.fixture(params=["torch", "triton"])
-def backend(request):
-    if request.param == "triton":
-        require_triton()
-    return request.param
 
 
 def make_case(n=N, h=H, v=V, ht=H_TEACHER, dtype=torch.float32, seed=0):

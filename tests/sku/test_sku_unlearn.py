@@ -8,11 +8,10 @@ import shutil
 
 import pytest
 import torch
-from sku_helpers import (
+from support.checkpoints import read_tensors
+from support.sku import (
     PKU_V1,
     TRUTHFULQA,
-    one_torch_thread,  # noqa: F401 (autouse)
-    read_state,
     run_sku,
     tiny_model,
     unlearn_args,
@@ -33,8 +32,8 @@ def _run(*args: str) -> None:
 
 
 def _assert_negated(model_dir, base_dir, tuned_state, scale=1.0):
-    base = read_state(base_dir)
-    final = read_state(model_dir)
+    base = read_tensors(base_dir)
+    final = read_tensors(model_dir)
     assert final.keys() == base.keys()
     for name, original in base.items():
         expected = original - scale * (tuned_state[name] - original)
@@ -53,12 +52,12 @@ def test_sku_full_fine_tune_run(llama, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == [
         "model", "run.json", "snapshots", "splits.json", "theta_bad", "theta_o",
         "train_log.jsonl"]
-    original = read_state(llama)
-    assert {k: torch.equal(v, original[k]) for k, v in read_state(run / "theta_o").items()} == {
+    original = read_tensors(llama)
+    assert {k: torch.equal(v, original[k]) for k, v in read_tensors(run / "theta_o").items()} == {
         k: True for k in original}
-    theta_bad = read_state(run / "theta_bad")
+    theta_bad = read_tensors(run / "theta_bad")
     _assert_negated(run / "model", llama, theta_bad)
-    assert any(not torch.equal(theta_bad[k], v) for k, v in read_state(llama).items())
+    assert any(not torch.equal(theta_bad[k], v) for k, v in read_tensors(llama).items())
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
     assert model(**tokenizer(["### Question: hi"], return_tensors="pt")).logits.isfinite().all()
@@ -87,13 +86,13 @@ def test_resume_after_a_kill_between_stage_1_and_stage_2(llama, tmp_path):
     resume runs stage 2 only and leaves no checkpoint behind."""
     run = tmp_path / "run"
     _run(*unlearn_args("sku", llama, run, "--checkpoint-every", "2"))
-    theta_bad = read_state(run / "theta_bad")
+    theta_bad = read_tensors(run / "theta_bad")
     shutil.rmtree(run / "model")
     (run / "checkpoint").mkdir()
     (run / "checkpoint" / "step.json").write_text('{"step": 2}\n')
     _run(*unlearn_args("sku", llama, run, "--checkpoint-every", "2", "--resume"))
     assert not (run / "checkpoint").exists()
-    assert all(torch.equal(theta_bad[k], v) for k, v in read_state(run / "theta_bad").items())
+    assert all(torch.equal(theta_bad[k], v) for k, v in read_tensors(run / "theta_bad").items())
     _assert_negated(run / "model", run / "theta_o", theta_bad)
 
 
@@ -104,7 +103,7 @@ def _legacy_bin_copy(llama, folder):
     for path in llama.iterdir():
         if path.suffix != ".safetensors":
             shutil.copy(path, folder / path.name)
-    torch.save({k.removeprefix("model."): v for k, v in read_state(llama).items()},
+    torch.save({k.removeprefix("model."): v for k, v in read_tensors(llama).items()},
                folder / "pytorch_model.bin")
     return folder
 
@@ -112,13 +111,13 @@ def _legacy_bin_copy(llama, folder):
 def test_full_fine_tune_from_a_legacy_bin_checkpoint(llama, tmp_path):
     """Stage 2 negates against the run's own θ_o copy, written like θ_bad."""
     legacy = _legacy_bin_copy(llama, tmp_path / "legacy")
-    original = read_state(llama)
+    original = read_tensors(llama)
     run = tmp_path / "run"
     _run(*unlearn_args("task_vector", legacy, run))
-    theta_o = read_state(run / "theta_o")
+    theta_o = read_tensors(run / "theta_o")
     assert theta_o.keys() == original.keys()
     assert all(torch.equal(theta_o[k], v) for k, v in original.items())
-    _assert_negated(run / "model", run / "theta_o", read_state(run / "theta_bad"))
+    _assert_negated(run / "model", run / "theta_o", read_tensors(run / "theta_bad"))
 
 
 def test_lora_needs_a_safetensors_original(llama, tmp_path, capsys):
@@ -140,7 +139,7 @@ def test_sku_with_lora_negates_the_adapter(llama, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(llama)
     merged = PeftModel.from_pretrained(base, run / "theta_bad").merge_and_unload()
     _assert_negated(run / "model", llama, merged.state_dict())
-    assert "lm_head.weight" in read_state(run / "model")
+    assert "lm_head.weight" in read_tensors(run / "model")
 
 
 def test_task_vector_scale_and_ft_and_ga_with_lora(llama, tmp_path):
@@ -148,7 +147,7 @@ def test_task_vector_scale_and_ft_and_ga_with_lora(llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     _run(*unlearn_args("task_vector", llama, tmp_path / "tv", "--scale", "2"))
-    _assert_negated(tmp_path / "tv" / "model", llama, read_state(tmp_path / "tv" / "theta_bad"),
+    _assert_negated(tmp_path / "tv" / "model", llama, read_tensors(tmp_path / "tv" / "theta_bad"),
                     scale=2.0)
 
     _run(*unlearn_args("ft", llama, tmp_path / "ft"))
@@ -159,7 +158,7 @@ def test_task_vector_scale_and_ft_and_ga_with_lora(llama, tmp_path):
     _run(*unlearn_args("ga", llama, tmp_path / "ga", "--lora", "--lora-r", "4"))
     base = AutoModelForCausalLM.from_pretrained(llama)
     merged = PeftModel.from_pretrained(base, tmp_path / "ga" / "adapter").merge_and_unload()
-    final = read_state(tmp_path / "ga" / "model")
+    final = read_tensors(tmp_path / "ga" / "model")
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-6)
 
@@ -172,7 +171,7 @@ def test_ga_mismatch_on_opt(tmp_path_factory, tmp_path):
                        "--dtype", "float64"))
     log = _log(tmp_path / "run")
     assert log[0]["normal_kl"] == pytest.approx(0, abs=1e-6) and log[-1]["normal_kl"] > 0
-    assert read_state(tmp_path / "run" / "model").keys() == read_state(opt).keys()
+    assert read_tensors(tmp_path / "run" / "model").keys() == read_tensors(opt).keys()
 
 
 @pytest.mark.parametrize("lora", [(), ("--lora", "--lora-r", "4")], ids=["full", "lora"])
@@ -196,13 +195,13 @@ def test_resume_gives_the_uninterrupted_result(llama, tmp_path, monkeypatch, lor
     assert main(unlearn_args("sku", llama, interrupted, *args)) == 1  # no --resume, no --force
     _run(*unlearn_args("sku", llama, interrupted, *args, "--resume"))
 
-    whole, resumed = read_state(tmp_path / "whole" / "theta_bad"), read_state(
+    whole, resumed = read_tensors(tmp_path / "whole" / "theta_bad"), read_tensors(
         interrupted / "theta_bad")
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert all(torch.equal(a, b) for a, b in zip(
-        read_state(tmp_path / "whole" / "model").values(),
-        read_state(interrupted / "model").values(), strict=True))
+        read_tensors(tmp_path / "whole" / "model").values(),
+        read_tensors(interrupted / "model").values(), strict=True))
     strip = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "memory_gb")}
              for r in _log(tmp_path / "whole")]
     assert strip == [{k: v for k, v in r.items() if k not in ("tokens_per_s", "memory_gb")}
@@ -277,7 +276,7 @@ def test_weights_that_are_not_finite_are_never_checkpointed(llama, tmp_path, mon
     assert error.startswith("sku: error: weights are not finite at step 4")
     assert "last good checkpoint (step 2)" in error
     assert json.loads((run / "checkpoint" / "step.json").read_text())["step"] == 2
-    assert all(torch.isfinite(t).all() for t in read_state(run / "checkpoint").values())
+    assert all(torch.isfinite(t).all() for t in read_tensors(run / "checkpoint").values())
 
 
 def test_ddp_with_two_gloo_processes_equals_one_process(llama, tmp_path):
@@ -293,7 +292,7 @@ def test_ddp_with_two_gloo_processes_equals_one_process(llama, tmp_path):
                    env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
-    one, two = read_state(single / "theta_bad"), read_state(ddp / "theta_bad")
+    one, two = read_tensors(single / "theta_bad"), read_tensors(ddp / "theta_bad")
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-7)
     for a, b in zip(_log(single), _log(ddp), strict=True):

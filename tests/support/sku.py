@@ -1,5 +1,5 @@
 """Helpers for the sku tests: a tokenizer trained on the fixture text, tiny real models built
-from configs (random init, seeded), and small file and CLI utilities."""
+from configs (random init, seeded), a tiny BLEURT checkpoint, and running the sku CLI."""
 
 from __future__ import annotations
 
@@ -11,23 +11,11 @@ import sys
 from functools import cache
 from pathlib import Path
 
-import pytest
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures" / "sku"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "sku"
 PKU_V1, PKU_V0 = FIXTURES / "pku_v1.jsonl", FIXTURES / "pku_v0.csv"
 TRUTHFULQA, PLAIN = FIXTURES / "truthfulqa.csv", FIXTURES / "plain.jsonl"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Autouse in the sku test modules that import it (module-scoped, so module fixtures that
-    build models get it too): on tiny models a second thread only adds synchronisation, and
-    contention on a shared two-core machine (3x slower suites)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fixture_texts() -> list[str]:
@@ -95,15 +83,6 @@ def tiny_model(arch: str, root: Path) -> Path:
     return folder
 
 
-def read_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        state.update(load_file(path))
-    return state
-
-
 def unlearn_args(method: str, model: Path, out: Path, *extra: str) -> list[str]:
     return ["unlearn", "--method", method, "--model", str(model), "--forget-data", str(PKU_V1),
             "--normal-data", str(TRUTHFULQA), "--out", str(out), "--max-steps", "4",
@@ -125,3 +104,45 @@ def run_sku(*args: str, env: dict | None = None, timeout: float = 120,
             stdout, stderr = proc.communicate(timeout=30)
             raise AssertionError(f"timed out after {timeout} s: {stderr[-2000:]}") from None
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def byte_tokenizer():
+    """GPT-2's byte-level pre-tokenizer with no merges: every byte is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+
+
+BLEURT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the a cat dog sat on mat".split()]
+
+
+def write_bleurt(folder, embedding_size=None):
+    """A tiny checkpoint in bleurt-pytorch's layout: `bleurt.` weights, model_type bleurt."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder.mkdir(parents=True)
+    config = BertConfig(vocab_size=len(BLEURT_WORDS), hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                        num_labels=1)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(50.0)  # scores of order 1, so differences show
+    state = {k.replace("bert.", "bleurt.", 1): v.contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors")
+    saved = {**config.to_dict(), "model_type": "bleurt", "embedding_size": embedding_size,
+             "architectures": ["BleurtForSequenceClassification"]}
+    (folder / "config.json").write_text(json.dumps(saved))
+    (folder / "vocab.txt").write_text("\n".join(BLEURT_WORDS) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"do_lower_case": True, "tokenizer_class": "BleurtTokenizer"}))
+    return model

@@ -28,7 +28,7 @@ from sku.judge import (  # noqa: E402
     judge_pairs,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def verdict_json(category: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 from sku.cli import main
 from sku.report import COLUMNS, column_ranks, method_label, rank_rows, write_report
 
-FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "eval"
 METHODS = ("ft", "task_vector", "ga", "ga_mismatch", "sku")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

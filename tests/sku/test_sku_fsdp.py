@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from sku_helpers import (
-    one_torch_thread,  # noqa: F401 (autouse)
-    read_state,
+from support.checkpoints import read_tensors
+from support.sku import (
     run_sku,
     tiny_model,
     unlearn_args,
@@ -28,8 +27,8 @@ from sku_helpers import (
 
 from sku.cli import main
 
-LAUNCHER = str(Path(__file__).parent / "launchers" / "fsdp_cpu.py")
-CONFIG = Path(__file__).parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
+LAUNCHER = str(Path(__file__).parents[1] / "launchers" / "fsdp_cpu.py")
+CONFIG = Path(__file__).parents[2] / "examples" / "accelerate" / "fsdp2.yaml"
 # The README's launch command with the shipped FSDP2 config, on two CPU processes.
 ACCELERATE = ("-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
               "--num_processes", "2")
@@ -66,12 +65,12 @@ def sharded(llama, tmp_path_factory):
 def test_fsdp2_theta_bad_equals_one_process(single, sharded):
     run = json.loads((sharded / "run.json").read_text())
     assert run["distributed"] == "DistributedType.FSDP" and run["world_size"] == 2
-    one, two = read_state(single / "theta_bad"), read_state(sharded / "theta_bad")
+    one, two = read_tensors(single / "theta_bad"), read_tensors(sharded / "theta_bad")
     assert one.keys() == two.keys()
     for name in one:  # fp32 summation order differs between one and two processes
         assert (two[name] - one[name]).norm() <= 1e-4 * one[name].norm(), name
-    snapshot_one = read_state(single / "snapshots" / "step-3")
-    snapshot_two = read_state(sharded / "snapshots" / "step-3")
+    snapshot_one = read_tensors(single / "snapshots" / "step-3")
+    snapshot_two = read_tensors(sharded / "snapshots" / "step-3")
     for name in snapshot_one:
         assert (snapshot_two[name] - snapshot_one[name]).norm() <= 1e-3 * snapshot_one[
             name].norm(), name
@@ -85,7 +84,7 @@ def test_fsdp2_lora_adapter_equals_one_process(llama, tmp_path):
     lora = ("--lora", "--lora-r", "4", "--max-steps", "4")
     assert main(unlearn_args("sku", llama, tmp_path / "single", *ARGS, *lora)) == 0
     _fsdp(llama, tmp_path / "fsdp", *lora)
-    one, two = (read_state(tmp_path / run / "theta_bad") for run in ("single", "fsdp"))
+    one, two = (read_tensors(tmp_path / run / "theta_bad") for run in ("single", "fsdp"))
     assert one.keys() == two.keys() and all("lora_" in name for name in one)
     for name in one:
         assert (two[name] - one[name]).norm() <= 1e-4 * one[name].norm(), name
@@ -120,7 +119,7 @@ def test_fsdp2_resume_after_sigkill_is_exact(llama, sharded, tmp_path):
     shards = sorted(p.name for p in (out / "checkpoint").rglob("*.distcp"))
     assert len(shards) >= 2, shards  # each process wrote its own shard of model and optimizer
     _fsdp(llama, out, "--resume")
-    whole, resumed = read_state(sharded / "theta_bad"), read_state(out / "theta_bad")
+    whole, resumed = read_tensors(sharded / "theta_bad"), read_tensors(out / "theta_bad")
     assert whole.keys() == resumed.keys()
     for name in whole:
         torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=0)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_header, read_tensors, run_cli
 from safetensors.torch import save_file
+from support.checkpoints import read_header, read_tensors
+from support.cli import run_cli
 
 import taskvec
 

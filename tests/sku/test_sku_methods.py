@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from sku_helpers import (
+from support.sku import (
     PKU_V1,
     TRUTHFULQA,
     build_tokenizer,
-    one_torch_thread,  # noqa: F401 (autouse)
 )
 
 from sku.batch import StepBuilder

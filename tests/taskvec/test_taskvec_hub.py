@@ -9,15 +9,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import (
-    assert_cli_error,
-    assert_one_line,
-    cli_env,
-    make_hub_cache,
-    read_tensors,
-    run_cli,
-    tree_digest,
-)
+from support.checkpoints import make_hub_cache, read_tensors, tree_digest
+from support.cli import assert_cli_error, assert_one_line, cli_env, run_cli
 
 import taskvec
 

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from sku_helpers import one_torch_thread  # noqa: F401 (autouse)
-from test_eval_metrics import byte_tokenizer, write_bleurt
+from support.sku import byte_tokenizer, write_bleurt
 
 import sku.evaluate as evaluate
 from sku.cli import main
