@@ -32,10 +32,10 @@ from sku.batch import answer_positions, pad_batch, pad_id
 from sku.config import resolve_config
 from sku.data import PROMPT_TEMPLATE, Encoded, Pair, encode, load_forget, load_normal
 from sku.errors import SkuError
-from sku.io import write_atomic, write_json
 from sku.methods import METHODS
 from sku.model import final_hidden_states
 from sku.unlearn import unlearn
+from taskvec import write_atomic, write_json
 
 DATA = resources.files("sku") / "demo_data"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]

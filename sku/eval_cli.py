@@ -140,8 +140,8 @@ def _read_rows(path: Path) -> list[dict]:
 def run_judge(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from sku.io import write_atomic
     from sku.judge import VerdictCache, cache_key, judge_pairs, make_judge
+    from taskvec import write_atomic
 
     source, out = Path(args.input), Path(args.out)
     if out.exists() and not args.force:

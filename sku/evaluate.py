@@ -25,8 +25,8 @@ from pathlib import Path
 
 from sku.data import PROMPT_TEMPLATE
 from sku.errors import SkuError
-from sku.io import write_atomic, write_json
 from sku.judge import CATEGORIES, PROMPT_VERSION, VerdictCache, judge_pairs, make_judge
+from taskvec import write_atomic, write_json
 
 SPLITS = ("unlearned_harmful", "unseen_harmful", "normal")
 HARMFUL_SPLITS = SPLITS[:2]

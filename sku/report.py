@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from sku.errors import SkuError
-from sku.io import write_atomic, write_json
+from taskvec import write_atomic, write_json
 
 METHOD_LABELS = {"ft": "FT", "task_vector": "Task Vector", "ga": "GA",
                  "ga_mismatch": "GA+Mismatch", "sku": "SKU"}

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from sku.batch import StepBuilder, answer_positions, pad_batch, pad_id
 from sku.data import Pair, encode
 from sku.errors import SkuError
-from taskvec.writer import OutputDir
+from taskvec import OutputDir
 
 
 class NonFiniteLoss(SkuError):

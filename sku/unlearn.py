@@ -34,7 +34,6 @@ from sku.data import (
     with_answers,
 )
 from sku.errors import SkuError
-from sku.io import write_json
 from sku.methods import METHODS, Method
 from sku.model import FusedLoss, load_model, master_dtype, resolve_dtype
 from sku.train import (
@@ -46,7 +45,7 @@ from sku.train import (
     save_checkpoint,
     train,
 )
-from taskvec.writer import OutputDir
+from taskvec import OutputDir, write_json
 
 RUN_ENTRIES = {"run.json", "splits.json", "train_log.jsonl", "checkpoint", "snapshots",
                "theta_bad", "adapter", "model", "theta_o"}

@@ -11,8 +11,9 @@ from taskvec.arithmetic import apply, diff, kind, negate, negate_adapter
 from taskvec.errors import TaskVecError
 from taskvec.inspection import info, verify
 from taskvec.resolve import resolve
+from taskvec.writer import OutputDir, write_atomic, write_json
 
 __all__ = [
-    "TaskVecError", "apply", "diff", "info", "kind", "negate", "negate_adapter", "resolve",
-    "verify",
+    "OutputDir", "TaskVecError", "apply", "diff", "info", "kind", "negate", "negate_adapter",
+    "resolve", "verify", "write_atomic", "write_json",
 ]

@@ -173,8 +173,20 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> No
                {"metadata": {"total_size": total_size}, "weight_map": weight_map})
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """A temporary sibling, fsynced, then renamed: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def copy_files(src: Path, dst: Path, names: Iterable[str]) -> None:
