@@ -7,10 +7,11 @@ Every operation plans from headers, streams tensors in bounded memory, computes 
 rounds once, and writes atomically (temporary sibling, fsync, rename).
 """
 
-from taskvec.arithmetic import apply, diff, kind, negate, negate_adapter
 from taskvec.errors import TaskVecError
 from taskvec.inspection import info, verify
+from taskvec.operations import apply, diff, negate, negate_adapter
 from taskvec.resolve import resolve
+from taskvec.sources import kind
 from taskvec.writer import OutputDir, write_atomic, write_json
 
 __all__ = [

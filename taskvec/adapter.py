@@ -4,7 +4,9 @@ An adapter folder holds adapter_config.json and adapter_model.safetensors. Per t
 its effect on the base weight W is W' = (R or W) + s·B·A, where R is a tensor the adapter
 replaces outright (modules_to_save, or a saved base layer) and s = α/r (α/√r with rsLoRA),
 with r and α looked up per module in rank_pattern / alpha_pattern exactly as peft does.
-We read the config ourselves so that `taskvec` starts without transformers or peft.
+We read the config ourselves so that `taskvec` starts without transformers or peft. This module
+is the format only: which tensors a module's factors are and with what scale; the arithmetic on
+them lives in sources.py (deltas) and inspection.py (norms).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from taskvec.errors import TaskVecError
 from taskvec.reader import Checkpoint
@@ -142,19 +142,6 @@ class Adapter:
         out_dim = self.checkpoint.tensors[lora.b].shape[0]
         in_dim = self.checkpoint.tensors[lora.a].shape[1]
         return (in_dim, out_dim) if transposed else (out_dim, in_dim)
-
-    def factors(self, lora: LoraFactors, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (left, right) with ΔW = left @ right; rows of ΔW are rows of `left`."""
-        a = self.checkpoint.read_tensor(lora.a).float()
-        b = self.checkpoint.read_tensor(lora.b).float() * lora.scale
-        return (a.T.contiguous(), b.T.contiguous()) if transposed else (b, a)
-
-    def delta_norm(self, lora: LoraFactors) -> float:
-        """‖s·B·A‖_F from the r×r Gram matrices, never forming ΔW."""
-        a = self.checkpoint.read_tensor(lora.a).double()
-        b = self.checkpoint.read_tensor(lora.b).double()
-        gram = (b.T @ b) * (a @ a.T)
-        return abs(lora.scale) * math.sqrt(max(gram.sum().item(), 0.0))
 
     def bind(self, base_names) -> dict[str, TensorEdit]:
         """Map each edit to the base tensor it applies to (see match_names)."""

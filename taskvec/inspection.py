@@ -3,17 +3,15 @@ its files are sound."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter, defaultdict
-from pathlib import Path
 
-import torch
-
-from taskvec.adapter import Adapter, is_adapter
-from taskvec.arithmetic import kind as checkpoint_kind
+from taskvec.adapter import Adapter, LoraFactors, is_adapter
 from taskvec.errors import TaskVecError
-from taskvec.reader import DTYPES, FLOAT_DTYPES, Checkpoint, read_header
+from taskvec.reader import FLOAT_DTYPES, Checkpoint, check_layout, dtype_name
 from taskvec.resolve import resolve
+from taskvec.sources import kind as checkpoint_kind
 
 BLOCK_ELEMS = 1 << 20
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
@@ -25,8 +23,12 @@ def layer_of(name: str) -> str:
     return f"layers.{match[1]}" if match else name.removeprefix("base_model.model.")
 
 
-def _dtype_name(code: str) -> str:
-    return str(DTYPES[code]).removeprefix("torch.")
+def lora_norm(adapter: Adapter, lora: LoraFactors) -> float:
+    """‖s·B·A‖_F from the r×r Gram matrices, never forming ΔW."""
+    a = adapter.checkpoint.read_tensor(lora.a).double()
+    b = adapter.checkpoint.read_tensor(lora.b).double()
+    gram = (b.T @ b) * (a @ a.T)
+    return abs(lora.scale) * math.sqrt(max(gram.sum().item(), 0.0))
 
 
 def _sorted_layers(sums: dict[str, float]) -> dict[str, float]:
@@ -45,14 +47,14 @@ def info(path) -> dict:
     tensors = ckpt.tensors.values()
     result = {
         "path": str(path), "kind": kind, "tensors": len(tensors),
-        "dtypes": dict(Counter(_dtype_name(t.dtype) for t in tensors)),
+        "dtypes": dict(Counter(dtype_name(t.dtype) for t in tensors)),
         "bytes": sum(t.nbytes for t in tensors),
     }
     squares: dict[str, float] = defaultdict(float)
     if adapter:
         for edit in adapter.edits.values():
             if edit.lora is not None:
-                squares[layer_of(edit.name)] += adapter.delta_norm(edit.lora) ** 2
+                squares[layer_of(edit.name)] += lora_norm(adapter, edit.lora) ** 2
     elif kind == "task_vector":
         buffer = bytearray(BLOCK_ELEMS * 8)
         for t in tensors:
@@ -65,36 +67,19 @@ def info(path) -> dict:
     return result
 
 
-def _check_layout(path: Path) -> None:
-    """The data region must be covered exactly: no holes, overlaps or trailing bytes."""
-    _, tensors = read_header(path)
-    with open(path, "rb") as f:
-        data_start = 8 + int.from_bytes(f.read(8), "little")
-    expected = data_start
-    for t in tensors:
-        if t.offset != expected:
-            what = "overlaps the previous tensor" if t.offset < expected else "leaves a hole"
-            raise TaskVecError(f"{path}: tensor {t.name}: data offset {t.offset - data_start} "
-                               f"{what} (expected {expected - data_start})")
-        expected += t.nbytes
-    size = path.stat().st_size
-    if size != expected:
-        raise TaskVecError(f"{path}: {size - expected} trailing bytes after the last tensor")
-
-
 def verify(path) -> dict:
     """Check headers, offsets, index coverage and that every float value is finite."""
     path = resolve(path)
     ckpt = Adapter(path).checkpoint if is_adapter(path) else Checkpoint(path)
     try:
         for shard in ckpt.shards:
-            _check_layout(ckpt.folder / shard if ckpt.path.is_dir() else ckpt.path)
+            check_layout(ckpt.folder / shard if ckpt.path.is_dir() else ckpt.path)
         buffer = bytearray(BLOCK_ELEMS * 8)
         for t in ckpt.tensors.values():
             if t.dtype not in FLOAT_DTYPES:
                 continue
             for block in ckpt.iter_blocks(t, BLOCK_ELEMS, buffer):
-                if not torch.isfinite(block).all():
+                if not block.isfinite().all():
                     raise TaskVecError(f"{t.path}: tensor {t.name}: holds NaN/Inf")
     finally:
         ckpt.close()

@@ -2,7 +2,8 @@
 
 This module only knows files: it parses and validates headers and index files and reads byte
 ranges into caller-owned buffers. It never maps a file (mmap would count every touched page in
-the process's RSS) and never holds a whole tensor.
+the process's RSS) and never holds a whole tensor. torch is imported only when bytes become a
+tensor, so that refusing bad input does not pay for it.
 """
 
 from __future__ import annotations
@@ -11,33 +12,36 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from taskvec.errors import TaskVecError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-# safetensors dtype code -> torch dtype (the item size follows from it)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype code -> (torch dtype name, item size)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 # Dtypes we do arithmetic on; everything else passes through from the base unchanged.
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -45,7 +49,18 @@ DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64"
 
 
 def itemsize(dtype: str) -> int:
-    return DTYPES[dtype].itemsize
+    return DTYPES[dtype][1]
+
+
+def dtype_name(dtype: str) -> str:
+    """'F16' -> 'float16'."""
+    return DTYPES[dtype][0]
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPES[dtype][0])
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,32 @@ def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
     return metadata, tensors
 
 
+def check_layout(path: Path) -> None:
+    """The data region must be covered exactly: no holes, overlaps or trailing bytes."""
+    _, tensors = read_header(path)
+    with open(path, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+    expected = data_start
+    for t in tensors:
+        if t.offset != expected:
+            what = "overlaps the previous tensor" if t.offset < expected else "leaves a hole"
+            raise TaskVecError(f"{path}: tensor {t.name}: data offset {t.offset - data_start} "
+                               f"{what} (expected {expected - data_start})")
+        expected += t.nbytes
+    size = path.stat().st_size
+    if size != expected:
+        raise TaskVecError(f"{path}: {size - expected} trailing bytes after the last tensor")
+
+
+def vocab_size(folder: Path) -> int | None:
+    """A model's vocabulary size from its config.json (None when unknown)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+
 class Checkpoint:
     """A safetensors checkpoint (one file, or shards behind an index), from headers only."""
 
@@ -136,6 +177,7 @@ class Checkpoint:
         self.shards: dict[str, list[str]] = {}
         self.indexed = False
         self._fds: dict[Path, int] = {}
+        self._fds_lock = threading.Lock()  # the engine reads from several threads
         self._open()
 
     @property
@@ -202,9 +244,10 @@ class Checkpoint:
         """Read rows [first_row, first_row + n_rows) of a tensor into `buffer`; return the view."""
         row_bytes = info.row_numel * itemsize(info.dtype)
         view = memoryview(buffer)[: n_rows * row_bytes]
-        fd = self._fds.get(info.path)
-        if fd is None:
-            fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
+        with self._fds_lock:
+            fd = self._fds.get(info.path)
+            if fd is None:
+                fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
         offset, done = info.offset + first_row * row_bytes, 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
@@ -213,12 +256,16 @@ class Checkpoint:
             done += n
         return view
 
+    def read_rows(self, info: TensorInfo, first_row: int, n_rows: int, buffer) -> torch.Tensor:
+        """Rows of a tensor as a typed view over `buffer` (flat; no copy beyond the read)."""
+        return as_tensor(self.read_into(info, first_row, n_rows, buffer), info.dtype)
+
     def iter_blocks(self, info: TensorInfo, block_elems: int, buffer: bytearray):
         """Typed views over consecutive row blocks of a tensor (the buffer is reused)."""
         rows_per_block = max(1, block_elems // max(1, info.row_numel))
         for r0 in range(0, info.rows if info.numel else 0, rows_per_block):
             n_rows = min(rows_per_block, info.rows - r0)
-            yield as_tensor(self.read_into(info, r0, n_rows, buffer), info.dtype)
+            yield self.read_rows(info, r0, n_rows, buffer)
 
     def read_tensor(self, name: str) -> torch.Tensor:
         """A whole (small) tensor, e.g. a LoRA factor."""
@@ -228,13 +275,16 @@ class Checkpoint:
         return as_tensor(buffer, info.dtype).reshape(info.shape).clone()
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 def as_tensor(buffer, dtype: str) -> torch.Tensor:
     """A typed torch view over raw bytes (no copy)."""
+    import torch
+
     if len(buffer) == 0:
-        return torch.empty(0, dtype=DTYPES[dtype])
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(DTYPES[dtype])
+        return torch.empty(0, dtype=torch_dtype(dtype))
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(torch_dtype(dtype))

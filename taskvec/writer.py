@@ -12,8 +12,8 @@ import math
 import os
 import shutil
 import struct
+import threading
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from taskvec.errors import TaskVecError
@@ -92,27 +92,12 @@ class OutputDir:
                 shutil.rmtree(stale, ignore_errors=True)
 
 
-class CheckpointWriter:
-    """Writes safetensors shards into a folder: each shard's header first (all sizes are known
-    up front), then its tensors' bytes in the declared order.
+class ShardWriter:
+    """One safetensors file: the exact header first (every size is known up front), then each
+    tensor's bytes written at their place, from any thread and in any order."""
 
-    Writes run on one background thread from a pool of two buffers, so the caller fills one
-    block while the previous one is being copied to the page cache.
-    """
-
-    def __init__(self, folder: Path, block_bytes: int):
-        self.folder = folder
-        self._buffers = [bytearray(block_bytes), bytearray(block_bytes)]
-        self._pending: list[Future | None] = [None, None]
-        self._turn = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskvec-writer")
-        self._file = None
-        self._path: Path | None = None
-        self._expected = self._written = 0
-
-    def begin_shard(self, name: str, specs: Iterable[tuple[str, str, tuple[int, ...]]],
-                    metadata: dict) -> None:
-        self._finish_shard()
+    def __init__(self, path: Path, specs: Iterable[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict):
         header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
         offset = 0
         for tensor, dtype, shape in specs:
@@ -122,50 +107,41 @@ class CheckpointWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the reference implementation aligns data to 8 bytes
-        self._path, self._expected, self._written = self.folder / name, offset, 0
-        self._file = open(self._path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        data_start = 8 + len(raw)
+        self.path = Path(path)
+        self.offsets = {name: data_start + entry["data_offsets"][0]
+                        for name, entry in header.items() if name != "__metadata__"}
+        self._expected, self._written = offset, 0
+        self._lock = threading.Lock()
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._pwrite(struct.pack("<Q", len(raw)) + raw, 0)
 
-    def buffer(self, nbytes: int) -> memoryview:
-        """A free block buffer to fill, then pass to `write`."""
-        self._wait(self._turn)
-        return memoryview(self._buffers[self._turn])[:nbytes]
+    def write(self, tensor: str, offset: int, data) -> None:
+        """`data` (bytes-like) at byte `offset` of `tensor`'s data."""
+        self._pwrite(data, self.offsets[tensor] + offset)
+        with self._lock:
+            self._written += len(data)
 
-    def write(self, view: memoryview) -> None:
-        self._pending[self._turn] = self._executor.submit(self._file.write, view)
-        self._written += len(view)
-        self._turn ^= 1
+    def _pwrite(self, data, position: int) -> None:
+        view, done = memoryview(data).cast("B"), 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], position + done)
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        """fsync and close; refuses a file whose data does not fill its header."""
         try:
-            self._finish_shard()
+            if self._written != self._expected:
+                raise TaskVecError(f"{self.path}: wrote {self._written} data bytes, "
+                                   f"header declares {self._expected}")
+            os.fsync(self._fd)
         finally:
-            self._executor.shutdown(wait=True)
+            self.abort()
 
     def abort(self) -> None:
-        """After a failure: stop writing; the caller discards the folder."""
-        self._executor.shutdown(wait=True)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def _wait(self, turn: int) -> None:
-        pending, self._pending[turn] = self._pending[turn], None
-        if pending is not None:
-            pending.result()  # re-raises a failed write (disk full) here
-
-    def _finish_shard(self) -> None:
-        if self._file is None:
-            return
-        self._wait(0)
-        self._wait(1)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        if self._written != self._expected:
-            raise TaskVecError(f"{self._path}: wrote {self._written} data bytes, "
-                               f"header declares {self._expected}")
+        """Close without syncing (the caller discards the folder)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:

@@ -1,0 +1,211 @@
+"""The public operations: diff, apply, negate, and negation of an adapter.
+
+Each is a `combine` (the per-block math, a pure function of fp32 tensors) plus a record of what
+it did; `stream_operation` does the rest for all of them: resolve and check the inputs from
+headers, stream through the engine into an atomic output folder, copy the model files, write
+taskvec.json. A new operation (TIES, DARE, a per-layer λ) is a new combine, for example
+
+    def per_layer(scales):                       # O = B + λ(layer)·V
+        def combine(name, base, deltas):
+            return deltas[0].mul_(scales.get(layer_of(name), 1.0)).add_(base)
+        return combine
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from taskvec import provenance
+from taskvec.adapter import Adapter
+from taskvec.errors import TaskVecError
+from taskvec.reader import DTYPE_NAMES, FLOAT_DTYPES, Checkpoint, TensorInfo, dtype_name, vocab_size
+from taskvec.resolve import resolve
+from taskvec.sources import Plan, open_source
+from taskvec.writer import OutputDir, copy_files, write_index
+
+MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+VECTOR_FILES = ("config.json",)
+ADAPTER_FILES = ("adapter_config.json", "README.md")
+DEFAULT_BUFFER_MB = 2.0  # measured: 0.5–2 MB blocks stay in cache and run fastest
+
+
+# ---------------------------------------------------------------------------------------------
+# The math, one block of rows at a time
+
+
+def weighted_sum(scales: Sequence[float], add_base: bool):
+    """[B +] Σ sᵢ·Δᵢ in fp32, term by term in the order given (the roundings of the formula)."""
+    def combine(name, base, deltas):
+        result = None
+        for scale, delta in zip(scales, deltas, strict=True):
+            if delta is None:
+                continue
+            if scale != 1.0:
+                delta.mul_(scale)
+            if result is None:
+                result = delta.add_(base) if add_base else delta  # b + d, exact in either order
+            else:
+                result.add_(delta)
+        if result is None:
+            return base if add_base else base.new_zeros(base.shape)
+        return result
+    return combine
+
+
+def scaled(factor: float):
+    """x·factor: the B factors of a negated adapter."""
+    return lambda name, base, deltas: base.mul_(factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing shared by every operation
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """'1GB', '500MB', '2MiB', 1000000 -> bytes."""
+    if size is None or isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B)?\s*", size.upper())
+    if not match:
+        raise TaskVecError(f"max shard size {size!r}: expected a number of bytes like 1GB or 500MB")
+    unit = 1024 if match[3] == "IB" else 1000
+    return int(float(match[1]) * unit ** " KMGT".index(match[2] or " "))
+
+
+def refuse_overlap(out: Path, inputs: Sequence[Path]) -> None:
+    """An output must not be, contain, or sit inside an input, even with --force."""
+    out = out.resolve()
+    for path in inputs:
+        folder = path.resolve() if path.is_dir() else path.resolve().parent
+        if out == folder or folder in out.parents or out in folder.parents:
+            raise TaskVecError(f"{out}: output overlaps the input {path}; choose another --out")
+
+
+def stream_operation(operation: str, kind: str, base_arg, inputs: Sequence[tuple[object, str]],
+                     combine, out, *, record: dict, dtype: str | None = None,
+                     force: bool = False, max_shard_size=None, allow_vocab_mismatch: bool = False,
+                     buffer_mb: float = DEFAULT_BUFFER_MB) -> Path:
+    """Write `kind` ("model" or "task_vector") to `out`: every float tensor of the base is
+    combine(base rows, [delta of each input]); `inputs` are (path or id, role for messages)."""
+    base_path = resolve(base_arg, "base")
+    paths = [resolve(arg, role) for arg, role in inputs]
+    refuse_overlap(Path(out), [base_path, *paths])
+    base = Checkpoint(base_path)
+    sources = [open_source(path) for path in paths]
+    try:
+        unsupported = next((i for i in base.tensors.values() if i.dtype.startswith("F8")), None)
+        if unsupported:
+            raise TaskVecError(f"{unsupported.path}: tensor {unsupported.name}: "
+                               f"{unsupported.dtype} arithmetic is not supported")
+        plan = Plan(base, allow_vocab_mismatch, vocab_size(base.folder))
+        for source in sources:  # the whole plan is checked before anything is written
+            source.check(plan)
+        code = DTYPE_NAMES[dtype] if dtype else None
+
+        def out_dtype(info: TensorInfo) -> str:
+            return code if code and info.dtype in FLOAT_DTYPES else info.dtype
+
+        shards_limit = parse_size(max_shard_size)
+        # Imported only now: bad input is refused above without paying for torch (~1 s).
+        from taskvec import engine
+
+        shards = engine.output_shards(base, out_dtype, shards_limit)
+        mismatched = sorted(set().union(*(s.vocab_mismatch for s in sources)))
+        with OutputDir(Path(out), force) as folder:
+            total = engine.stream(base, sources, combine, folder, shards, out_dtype=out_dtype,
+                                  buffer_mb=buffer_mb, label=operation)
+            if len(shards) > 1 or base.indexed:
+                write_index(folder, {n: shard for shard, names in shards for n in names}, total)
+            copy_files(base.folder, folder, MODEL_FILES if kind == "model" else VECTOR_FILES)
+            dtypes = {dtype_name(out_dtype(i)) for i in base.tensors.values()
+                      if i.dtype in FLOAT_DTYPES}
+            provenance.write(folder, kind, operation, base=str(base_arg), **record,
+                             dtype=",".join(sorted(dtypes)), vocab_mismatch=mismatched)
+    finally:
+        base.close()
+        for source in sources:
+            source.checkpoint.close()
+    return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The operations
+
+
+def diff(base, tuned, out, *, dtype: str | None = None, force: bool = False,
+         max_shard_size=None, allow_vocab_mismatch: bool = False,
+         buffer_mb: float = DEFAULT_BUFFER_MB) -> Path:
+    """Write the task vector V = T − B (T a full checkpoint or a LoRA adapter)."""
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise TaskVecError(f"dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    return stream_operation(
+        "diff", "task_vector", base, [(tuned, "tuned")], weighted_sum([1.0], add_base=False),
+        out, record={"tuned": str(tuned), "scale": 1.0}, dtype=dtype, force=force,
+        max_shard_size=max_shard_size, allow_vocab_mismatch=allow_vocab_mismatch,
+        buffer_mb=buffer_mb)
+
+
+def apply(base, vectors, out, *, scales: Sequence[float] | None = None, force: bool = False,
+          max_shard_size=None, allow_vocab_mismatch: bool = False,
+          buffer_mb: float = DEFAULT_BUFFER_MB) -> Path:
+    """Write O = B + Σ Sᵢ·Vᵢ (task vectors or LoRA adapters; scales default to 1)."""
+    vectors = [vectors] if isinstance(vectors, (str, Path)) else list(vectors)
+    scales = [1.0] * len(vectors) if scales is None else [float(s) for s in scales]
+    if len(scales) == 1 and len(vectors) > 1:
+        scales = scales * len(vectors)
+    if len(scales) != len(vectors) or not vectors:
+        raise TaskVecError(f"{len(vectors)} vectors but {len(scales)} scales: give one scale, "
+                           "or one per vector")
+    return stream_operation(
+        "apply", "model", base, [(v, "vector") for v in vectors],
+        weighted_sum(scales, add_base=True), out,
+        record={"vectors": [str(v) for v in vectors], "scales": scales}, force=force,
+        max_shard_size=max_shard_size, allow_vocab_mismatch=allow_vocab_mismatch,
+        buffer_mb=buffer_mb)
+
+
+def negate(base, tuned, out, *, scale: float = 1.0, force: bool = False, max_shard_size=None,
+           allow_vocab_mismatch: bool = False, buffer_mb: float = DEFAULT_BUFFER_MB) -> Path:
+    """Write O = B − L·(T − B) without writing the vector (SKU stage 2 with L = λ)."""
+    return stream_operation(
+        "negate", "model", base, [(tuned, "tuned")],
+        weighted_sum([-float(scale)], add_base=True), out,
+        record={"tuned": str(tuned), "scale": float(scale)}, force=force,
+        max_shard_size=max_shard_size, allow_vocab_mismatch=allow_vocab_mismatch,
+        buffer_mb=buffer_mb)
+
+
+def negate_adapter(adapter, out, *, scale: float = 1.0, force: bool = False) -> Path:
+    """Write a LoRA adapter whose merge gives B − L·ΔW: B factors scaled by −L (A untouched)."""
+    adapter_path = resolve(adapter, "adapter")
+    refuse_overlap(Path(out), [adapter_path])
+    source = Adapter(adapter_path)
+    try:
+        replaced = [e.replacement for e in source.edits.values()
+                    if e.replacement is not None and ".base_layer." not in e.replacement]
+        if replaced:
+            raise TaskVecError(
+                f"{source.folder}: tensor {replaced[0]} is a full replacement (modules_to_save): "
+                "negating it needs the base; use `taskvec negate --base B --tuned ADAPTER`")
+        b_factors = {e.lora.b for e in source.edits.values() if e.lora is not None}
+        ckpt = source.checkpoint
+        from taskvec import engine  # torch only once the input is known to be good
+
+        with OutputDir(Path(out), force) as folder:
+            engine.stream(ckpt, [], scaled(-float(scale)), folder,
+                          [(ckpt.path.name, next(iter(ckpt.shards.values())))],
+                          out_dtype=lambda info: info.dtype,
+                          computes=lambda info: info.name in b_factors, buffer_mb=DEFAULT_BUFFER_MB,
+                          label="negate")
+            copy_files(source.folder, folder, ADAPTER_FILES)
+            provenance.write(folder, "lora_adapter", "negate_adapter", tuned=str(adapter),
+                             scale=float(scale))
+    finally:
+        source.checkpoint.close()
+    return Path(out)
