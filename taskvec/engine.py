@@ -89,9 +89,9 @@ def _square_limit(dtype: str) -> float:
 class _Scratch:
     """One worker's buffers, reused for every block."""
 
-    def __init__(self, block: int, sources: int):
-        self.raw = bytearray(block * 8)
-        self.out = bytearray(block * 8)
+    def __init__(self, block: int, sources: int, raw_bytes: int, out_bytes: int):
+        self.raw = bytearray(raw_bytes)
+        self.out = bytearray(out_bytes)
         self.base = torch.empty(block)
         self.deltas = [torch.empty(block) for _ in range(sources)]
 
@@ -104,6 +104,13 @@ class _Stream:
         self.block = max([max(1, int(buffer_mb * 2**20) // 4)]
                          + [i.row_numel for i in base.tensors.values()])
         self.limits = {dtype: _square_limit(dtype) for dtype in FLOAT_DTYPES}
+        # Raw buffers as large as the widest item read or written: a block of fp16 takes 2
+        # bytes an element, not 8.
+        read = [base, *(s.checkpoint for s in self.sources)]
+        self.raw_bytes = self.block * max((itemsize(i.dtype) for c in read
+                                           for i in c.tensors.values()), default=1)
+        self.out_bytes = self.block * max((itemsize(out_dtype(i)) for i in base.tensors.values()),
+                                          default=1)
         self._local = threading.local()
 
     def blocks(self, info: TensorInfo):
@@ -115,7 +122,8 @@ class _Stream:
         # Cache-sized blocks gain nothing from intra-op threads, whose barriers stall badly
         # when the machine is busy (measured 2–20× slower): one thread per worker.
         torch.set_num_threads(1)
-        self._local.scratch = _Scratch(self.block, len(self.sources))
+        self._local.scratch = _Scratch(self.block, len(self.sources), self.raw_bytes,
+                                       self.out_bytes)
 
     def run_block(self, writer: ShardWriter, info: TensorInfo, r0: int, r1: int) -> int:
         """Compute and write rows [r0, r1) of one tensor; returns the bytes written."""
@@ -143,7 +151,7 @@ class _Stream:
         return nbytes
 
     def _non_finite_message(self, info: TensorInfo, r0: int, r1: int, dtype: str) -> str:
-        rows = self.base.read_rows(info, r0, r1 - r0, bytearray(self.block * 8))
+        rows = self.base.read_rows(info, r0, r1 - r0, bytearray(self.raw_bytes))
         if not rows.isfinite().all():
             cause = f"the base {info.path} holds NaN/Inf"
         else:
