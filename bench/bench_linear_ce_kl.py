@@ -30,7 +30,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -39,8 +38,8 @@ import time
 from pathlib import Path
 
 import torch
+from _common import RESULTS, ROOT, machine, versions, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 WORKLOADS = ("mixed", "ce", "mixed_frozen_head")
 DEFAULTS = {
@@ -215,32 +214,6 @@ def measure(a, method, workload, n, v):
 # ---------------------------------------------------------------- report
 
 
-def machine(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = re.search(r"Model name:\s+(.+)", out)[1].strip()
-    except (OSError, TypeError):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores"
-
-
-def versions():
-    out = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    for mod in ("triton", "liger_kernel"):
-        if importlib.util.find_spec(mod):
-            from importlib.metadata import PackageNotFoundError, version
-
-            try:
-                out.append(f"{mod.replace('_', '-')} {version(mod.replace('_', '-'))}")
-            except PackageNotFoundError:
-                out.append(f"{mod} (version unknown)")
-        else:
-            out.append(f"{mod.replace('_', '-')} not installed")
-    return ", ".join(out)
-
-
 def mem_floor(workload, n, h, v, itemsize, dw_itemsize=None):
     """dH + dW + 16 B/row; dw_itemsize=4 gives the floor with an fp32 dW accumulator."""
     dw = 0 if workload == "mixed_frozen_head" else v * h * (dw_itemsize or itemsize)
@@ -253,7 +226,7 @@ def render(a, rows, command):
         f"# linear_ce_kl forward+backward, {a.device}",
         "",
         f"- machine: {machine(a.device)}",
-        f"- versions: {versions()}",
+        f"- versions: {versions('torch', 'triton', 'liger-kernel')}",
         f"- shapes: H = H' = {a.h}, {a.dtype}, N ∈ {a.n}, V ∈ {a.v}, workloads {a.workloads}",
         f"- command: `{command}`",
         f"- date: {datetime.date.today().isoformat()}; "
@@ -304,16 +277,6 @@ def render(a, rows, command):
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -341,7 +304,7 @@ def main(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible to torch")
     slug = "cpu" if a.device == "cpu" else re.sub(r"\W+", "_", torch.cuda.get_device_name()).lower()
-    out = a.out or ROOT / "bench" / "results" / f"linear_ce_kl_{slug}.md"
+    out = a.out or RESULTS / f"linear_ce_kl_{slug}.md"
     if out.exists() and not a.force:
         sys.exit(f"{out} exists: pass --force to overwrite it")
     methods = [m for m in a.methods if m != "liger" or importlib.util.find_spec("liger_kernel")]
@@ -370,7 +333,7 @@ def main(argv=None):
     if "liger" in a.methods and "liger" not in methods:
         table += "\nliger-kernel is not installed: its rows are skipped.\n"
     print(table)
-    write_atomic(out, table)
+    write_results(out, table)
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", file=sys.stderr)
 
 

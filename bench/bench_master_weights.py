@@ -14,6 +14,7 @@ step, as sku's trainer does), and the peak RSS growth from building the model to
 (gradients, autocast's bf16 weight copies and the small batch's activations included). The
 2.7B column scales the peak by the parameter count of OPT-2.7B's config (built on the meta
 device, nothing downloaded); a real run's activations come on top, alike for all three.
+The table is printed and written to bench/results/master_weights_cpu.md.
 
     python bench/bench_master_weights.py [--layers 12 --hidden 768]
 """
@@ -23,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import resource
 import subprocess
 import sys
 
 import torch
+from _common import RESULTS, machine, table, versions, write_results
 from torch.nn.functional import cross_entropy
 
 log = logging.getLogger("bench_master_weights")
@@ -104,15 +105,7 @@ def main() -> None:
         return
     big = sum(p.numel() for p in opt(OPT_2_7B["hidden_size"], OPT_2_7B["num_hidden_layers"],
                                      "meta").parameters())
-    log.info("# bf16 full fine-tune memory, AdamW\n")
-    log.info(f"`python bench/bench_master_weights.py --hidden {args.hidden} --layers "
-             f"{args.layers}`; CPU {platform.processor() or platform.machine()}, torch "
-             f"{torch.__version__}; measured on an OPT of hidden {args.hidden}, {args.layers} "
-             f"layers, batch 2×64; OPT-2.7B shape: {big / 1e9:.2f}B parameters\n")
-    log.info("| method | kept bytes / param | peak RSS / param | peak at 2.7B | "
-             "× pure bf16 | updates below half a bf16 step |")
-    log.info("|---|---:|---:|---:|---:|---|")
-    base = None
+    rows, base = [], None
     for kind in KINDS:
         child = subprocess.run([sys.executable, __file__, "--one", kind, "--hidden",
                                 str(args.hidden), "--layers", str(args.layers)],
@@ -120,8 +113,18 @@ def main() -> None:
         params, kept, growth = json.loads(child.stdout.splitlines()[-1])
         base = base or growth
         lost = "rounded away" if kind == "pure bf16" else "kept"
-        log.info(f"| {kind} | {kept / params:.2f} | {growth / params:.2f} | "
-                 f"{growth / params * big / 2**30:.1f} GiB | {growth / base:.2f} | {lost} |")
+        rows.append([kind, f"{kept / params:.2f}", f"{growth / params:.2f}",
+                     f"{growth / params * big / 2**30:.1f} GiB", f"{growth / base:.2f}", lost])
+    text = "\n".join([
+        "# bf16 full fine-tune memory, AdamW", "",
+        f"`python bench/bench_master_weights.py --hidden {args.hidden} --layers {args.layers}`; "
+        f"{machine()}; {versions('torch', 'transformers')}; measured on an OPT of hidden "
+        f"{args.hidden}, {args.layers} layers, batch 2×64; OPT-2.7B shape: {big / 1e9:.2f}B "
+        "parameters", "",
+        *table(["method", "kept bytes / param", "peak RSS / param", "peak at 2.7B",
+                "× pure bf16", "updates below half a bf16 step"], rows, right=range(1, 5)), ""])
+    log.info(text)
+    write_results(RESULTS / "master_weights_cpu.md", text)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -36,10 +35,11 @@ import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _common import RESULTS, machine, table, versions, write_results
+from _common import ROOT as REPO
+
 SHARD_BYTES = 10**9  # "1GB" as transformers' save_pretrained counts it
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
 BASE_LAYERS = 22
@@ -321,14 +321,6 @@ def ensure_mergekit(workdir: Path) -> tuple[Path | None, str]:
 # ------------------------------------------------------------------ report
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo")
-                  if line.startswith("MemTotal"))
-    return f"{cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.0f} GiB RAM, {platform.platform()}"
-
-
 def git_revision() -> str:
     proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True)
@@ -357,9 +349,8 @@ def render(results: list[Result], mergekit: str, args, sizes: dict[str, str],
         f"Command: `{command_line()}` (from the repo root)",
         "",
         f"Machine: {machine()}  ",
-        f"Versions: python {platform.python_version()}, torch {version('torch')}, "
-        f"safetensors {version('safetensors')}, taskvec (sku-unlearn) {version('sku-unlearn')} "
-        f"at {git_revision()}; {mergekit}  ",
+        f"Versions: {versions('torch', 'safetensors', 'sku-unlearn')} (taskvec) at "
+        f"{git_revision()}; {mergekit}  ",
         "Inputs: synthetic LLaMA fp16 pairs, tuned = base + N(0, 1e-3), 1 GB shards; hidden "
         f"{HIDDEN}, intermediate {INTERMEDIATE}, {HEADS} heads, {KV_HEADS} KV heads, vocab "
         f"{VOCAB}, untied lm_head: " + "; ".join(f"{k} = {v}" for k, v in sizes.items()) + ".  ",
@@ -373,18 +364,16 @@ def render(results: list[Result], mergekit: str, args, sizes: dict[str, str],
         f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6:.0f} MB and never "
         "imports torch, so it does not inflate them (peak RSS survives fork and exec).",
         "",
-        "| model | method | wall (s) | CPU (s) | peak RSS (MB) | wall / floor | wall / mergekit "
-        "| max abs diff vs taskvec |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
+    rows = []
     for r in results:
         floor = by_key.get((r.model, "floor"))
         merge = by_key.get((r.model, "mergekit"))
-        ratio_floor = f"{wall(r) / wall(floor):.2f}" if floor else "–"
-        ratio_merge = f"{wall(r) / wall(merge):.2f}" if merge else "–"
-        lines.append(f"| {r.model} | {r.method} | {wall(r):.2f} | "
-                     f"{statistics.median(r.cpus):.2f} | {r.rss_mb:.0f} | "
-                     f"{ratio_floor} | {ratio_merge} | {r.max_abs_diff or '–'} |")
+        rows.append([r.model, r.method, f"{wall(r):.2f}", f"{statistics.median(r.cpus):.2f}",
+                     f"{r.rss_mb:.0f}", f"{wall(r) / wall(floor):.2f}" if floor else "–",
+                     f"{wall(r) / wall(merge):.2f}" if merge else "–", r.max_abs_diff or "–"])
+    lines += table(["model", "method", "wall (s)", "CPU (s)", "peak RSS (MB)", "wall / floor",
+                    "wall / mergekit", "max abs diff vs taskvec"], rows, right=range(2, 7))
     lines += ["", "Methods:", "",
               "- floor: read both checkpoints and write one of the same size, 16 MB buffers, "
               "fsync (Python, no torch import). It runs its reads, writes and one final fsync "
@@ -433,8 +422,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / ".cache",
                         help="checkpoints, outputs, logs and the mergekit venv")
-    parser.add_argument("--results", type=Path,
-                        default=REPO / "bench" / "results" / "taskvec_negate.md")
+    parser.add_argument("--results", type=Path, default=RESULTS / "taskvec_negate.md")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 2],
                         help="model sizes in multiples of 22 layers; peers run at 1× only")
     parser.add_argument("--repeat", type=int, default=3)
@@ -486,8 +474,7 @@ def main() -> None:
         out.rmdir()
 
     report = render(results, mergekit_note, args, sizes, (load_before, os.getloadavg()[0]))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(report)
+    write_results(args.results, report)
     print(report)
     if args.clean:
         for folder in built:

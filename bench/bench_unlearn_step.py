@@ -23,20 +23,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+from _common import RESULTS, machine, table, versions, write_results
 
 from sku.batch import Row, collate  # noqa: E402
 from sku.data import Encoded, Pair  # noqa: E402
-from sku.io import write_atomic  # noqa: E402
 from sku.methods import METHODS  # noqa: E402
 from sku.model import FusedLoss  # noqa: E402
 
@@ -190,26 +185,20 @@ def main() -> int:
                         device, args.steps))
     rows.append(("official floor: 2 fp32 copies of the weights", f"{2 * 4 * params / 2**30:.1f}",
                  "—"))
-    import peft
-    import transformers
-
-    machine = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "CPU"
     command = "python bench/bench_unlearn_step.py" + (" --tiny" if args.tiny else "")
     text = "\n".join([
-        f"# SKU stage-1 step{' (tiny shape)' if args.tiny else ''}, {machine}", "",
+        f"# SKU stage-1 step{' (tiny shape)' if args.tiny else ''}, {machine(device)}", "",
         f"- model: LLaMA-2-7B shape ({params / 1e9:.2f} B parameters)" if not args.tiny
         else f"- model: tiny LLaMA ({params / 1e6:.2f} M parameters)",
         f"- step: batch {BATCH} × {SEQ} tokens; per example 1 forget + {K} mismatch + 1 normal "
         f"row = {BATCH * (K + 2)} rows; LoRA r 32, α 16 on q_proj, v_proj; ε = {EPS}",
-        f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}",
+        f"- versions: {versions('torch', 'transformers', 'peft')}",
         f"- command: `{command}`; {args.steps} timed steps after 1 warm-up; "
         f"date {datetime.date.today()}", "",
-        "| recipe | peak GPU memory GiB | tokens/s |", "|---|---|---|",
-        *(f"| {label} | {memory} | {speed} |" for label, memory, speed in rows), ""])
+        *table(["recipe", "peak GPU memory GiB", "tokens/s"], rows), ""])
     print(text)
     name = "unlearn_step_tiny.md" if args.tiny else "unlearn_step.md"
-    write_atomic(ROOT / "bench" / "results" / name, text)
+    write_results(RESULTS / name, text)
     return 0
 
 
