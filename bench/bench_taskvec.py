@@ -2,7 +2,8 @@
 
 One run measures every method on the same synthetic LLaMA-shaped fp16 checkpoint pair
 (1.1B parameters, the TinyLlama shapes, 1 GB shards; tuned = base + small noise), each as a
-child process: wall time, and the child's own peak RSS from os.wait4. Both inputs are read into
+child process: wall time of the whole command (process start and imports included, from
+Popen to exit and fsync), and the child's own peak RSS from os.wait4. Both inputs are read into
 the page cache before every run, so all methods see a warm cache; every method's output is
 fsynced inside its timed region (by the method itself, or by this script right after it exits).
 The `--scales` option repeats the floor and taskvec on a model with 2× (or k×) the layers to
@@ -213,11 +214,14 @@ def in_worker(function, *args):
         return pool.submit(function, *args).result()
 
 
-def run_child(cmd: list[str], out: Path, log: Path,
-              fsync_after: bool) -> tuple[float, float, float]:
+def run_child(cmd: list[str], out: Path, log: Path, fsync_after: bool,
+              own_venv: bool) -> tuple[float, float, float]:
     """(wall seconds, the child's CPU seconds, its own peak RSS in MB); the output is fsynced
-    inside the timing."""
+    inside the timing. A peer in its own venv runs without PYTHONPATH: a checkout on it would
+    shadow its packages (our kernels/ folder hides the `kernels` package transformers imports)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if own_venv:
+        env.pop("PYTHONPATH", None)
     with open(log, "w") as sink:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
@@ -261,6 +265,7 @@ class Method:
     cmd: list[str]
     out: Path
     fsync_after: bool = False  # the method does not fsync its output itself
+    own_venv: bool = False  # mergekit: its own interpreter and packages
 
 
 def measure(model: str, methods: list[Method], inputs, args) -> list[Result]:
@@ -275,7 +280,8 @@ def measure(model: str, methods: list[Method], inputs, args) -> list[Result]:
             os.sync()
             warm(*inputs)
             wall, cpu, peak = run_child(method.cmd, method.out,
-                                        args.workdir / f"{method.label}.log", method.fsync_after)
+                                        args.workdir / f"{method.label}.log", method.fsync_after,
+                                        method.own_venv)
             result = results[method.label]
             result.walls.append(wall)
             result.cpus.append(cpu)
@@ -377,10 +383,11 @@ def render(results: list[Result], mergekit: str, args, sizes: dict[str, str],
     lines += ["", "Methods:", "",
               "- floor: read both checkpoints and write one of the same size, 16 MB buffers, "
               "fsync (Python, no torch import). It runs its reads, writes and one final fsync "
-              "one after another; taskvec overlaps its writes with reading and computing "
-              "(a writer thread) and fsyncs shard by shard, which is how it can come in under "
-              "this floor: read the ratio as 'at the I/O cost', not as beating physics.",
-              "- taskvec: `taskvec negate --base B --tuned T --out O` (console script, defaults).",
+              "one after another; taskvec overlaps reading, computing and writing (two worker "
+              "threads) and fsyncs each shard while computing the next, which is how it can come "
+              "in under this floor: read the ratio as 'at the I/O cost', not as beating physics.",
+              "- taskvec: `taskvec negate --base B --tuned T --out O` (console script, defaults; "
+              "the whole command, process start and `import torch` included).",
               "- naive: `load_file` both checkpoints, `b - (t - b)` in fp32 per tensor, "
               "`save_file` one file, fsync.",
               "- mergekit: `mergekit-yaml config.yml O --out-shard-size 500M` with the YAML "
@@ -468,7 +475,7 @@ def main() -> None:
             config.write_text(MERGEKIT_YAML.format(base=base, tuned=tuned))
             methods.append(Method("mergekit", [str(mergekit), str(config), str(out / "mergekit"),
                                                "--out-shard-size", "500M"],
-                                  out / "mergekit", fsync_after=True))
+                                  out / "mergekit", fsync_after=True, own_venv=True))
         out.mkdir(exist_ok=True)
         results += measure(name, methods, (base, tuned), args)
         out.rmdir()
