@@ -1,4 +1,5 @@
-"""Turn a user's model argument (folder, Hugging Face id, or short alias) into a local folder.
+"""Turn a user's model argument (folder, GGUF file, Hugging Face id, or short alias) into a local
+folder.
 
 Resolution never touches the network: a hub id is looked up in the local Hugging Face cache
 (HF_HOME / HF_HUB_CACHE are honoured), so `taskvec` behaves the same on an offline cluster.
@@ -20,6 +21,10 @@ ALIASES = {
 
 def resolve(name_or_path: str | Path, role: str = "model") -> Path:
     path = Path(name_or_path).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from taskvec.gguf import converted  # imports transformers, so only when needed
+
+        return converted(path)
     if path.exists():
         return path
     name = str(name_or_path)
