@@ -62,11 +62,23 @@ def converted(path: Path) -> Path:
 def _convert(path: Path, out: Path) -> None:
     try:  # imported here: only GGUF inputs pay for transformers
         import gguf  # noqa: F401  (transformers needs it; say so in our words)
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        from transformers.utils import logging as hf_logging
     except ImportError as e:
         raise TaskVecError(f"{path}: reading GGUF needs the `gguf` package ({e.msg})") from None
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its per-tensor bars would flood a redirected log
+    try:
+        _dequantize_and_save(path, out)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _dequantize_and_save(path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
     folder, name = str(path.parent), path.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
