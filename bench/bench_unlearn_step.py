@@ -34,11 +34,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from sku.batch import Row, collate  # noqa: E402
-from sku.data import Encoded, Pair  # noqa: E402
 from sku.io import write_atomic  # noqa: E402
-from sku.methods import METHODS  # noqa: E402
-from sku.model import FusedLoss  # noqa: E402
+
+from sku.data.encoding import Encoded  # noqa: E402
+from sku.data.readers import Pair  # noqa: E402
+from sku.train.batch import Row, collate  # noqa: E402
+from sku.train.loss import FusedLoss  # noqa: E402
+from sku.train.methods import METHODS  # noqa: E402
 
 BATCH, K, SEQ = 2, 5, 512
 EPS = (2.5, 1.0, 0.5)  # LLaMA2-7B, paper Table 4

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import sku
-from sku.judge import (
+from sku.evaluation.judge import (
     CATEGORIES,
     HARMFUL_CATEGORIES,
     JudgeError,
@@ -68,9 +68,9 @@ def test_keyword_judge_categories(prompt, response, expected):
 
 
 def test_keyword_judge_labels_the_demo_data_as_its_safety_labels_do():
-    """The demo's fictional mischief (sku/demo_data/harmful.jsonl, PKU schema), as written
+    """The demo's fictional mischief (sku/demo/data/harmful.jsonl, PKU schema), as written
     and as a word-level tokenizer decodes it (spaces before punctuation)."""
-    path = Path(sku.__file__).parent / "demo_data" / "harmful.jsonl"
+    path = Path(sku.__file__).parent / "demo" / "data" / "harmful.jsonl"
     if not path.is_file():
         pytest.skip("no demo data")
     judge, checked = KeywordJudge(), 0

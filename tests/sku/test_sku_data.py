@@ -1,4 +1,4 @@
-"""sku.data and sku.batch: readers for the real schemas, answer masks, splits, schedules and
+"""sku.data and sku.train.batch: readers for the real schemas, answer masks, splits, schedules and
 random disassociation."""
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from support.sku import (
     build_tokenizer,
 )
 
-from sku.batch import StepBuilder, collate, draw_others
-from sku.config import resolve_config
-from sku.data import Pair, Schedule, encode, load_forget, load_normal, with_answers
+from sku.data.encoding import encode, with_answers
+from sku.data.readers import Pair, load_forget, load_normal
+from sku.data.splits import Schedule
 from sku.errors import SkuError
-from sku.methods import METHODS
-from sku.unlearn import prepare_data
+from sku.train.batch import StepBuilder, collate, draw_others
+from sku.train.config import resolve_config
+from sku.train.methods import METHODS
+from sku.train.unlearn import prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,7 @@ def test_answer_positions_by_hand(tokenizer):
 
 
 def _row(term: int):
-    from sku.batch import Row
+    from sku.train.batch import Row
 
     return Row(Pair("", "", 0), term, 1.0, 0)
 

@@ -9,11 +9,11 @@ from support.sku import (
     build_tokenizer,
 )
 
-from sku.batch import StepBuilder
-from sku.config import load_recipe, recipe_names, resolve_config
-from sku.data import load_forget, load_normal
+from sku.data.readers import load_forget, load_normal
 from sku.errors import SkuError
-from sku.methods import METHODS
+from sku.train.batch import StepBuilder
+from sku.train.config import load_recipe, recipe_names, resolve_config
+from sku.train.methods import METHODS
 
 EPS = (2.5, 1.0, 0.5)
 

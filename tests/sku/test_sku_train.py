@@ -16,12 +16,14 @@ from support.sku import (
     tiny_model,
 )
 
-from sku.batch import StepBuilder
-from sku.config import resolve_config
-from sku.data import encode, load_forget, load_normal
-from sku.methods import METHODS
-from sku.model import FusedLoss, final_hidden_states, load_model
-from sku.train import cache_teacher
+from sku.data.encoding import encode
+from sku.data.readers import load_forget, load_normal
+from sku.train.batch import StepBuilder
+from sku.train.config import resolve_config
+from sku.train.loop import cache_teacher
+from sku.train.loss import FusedLoss
+from sku.train.methods import METHODS
+from sku.train.model import final_hidden_states, load_model
 
 EPS = (2.5, 1.0, 0.5)
 BATCH, K = 2, 2

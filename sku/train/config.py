@@ -1,6 +1,6 @@
 """The resolved settings of one `sku unlearn` run: defaults, then a recipe, then flags.
 
-Recipes for the paper's models ship in sku/recipes/ (Table 4 and the official LoRA settings);
+Recipes for the paper's models ship in sku/train/recipes/ (Table 4 and the official LoRA settings);
 `--config` takes a recipe's name (`llama2-7b`) or the path of a YAML file with the same keys.
 """
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import yaml
 
 from sku.errors import SkuError
-from sku.methods import METHODS
+from sku.train.methods import METHODS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64: exact comparisons
-_RECIPES = resources.files("sku") / "recipes"
+_RECIPES = resources.files("sku.train") / "recipes"
 
 
 @dataclass
@@ -47,7 +47,7 @@ class UnlearnConfig:
     max_length: int = 512
     eval_size: int = 100
     # Compute dtype: bfloat16 on a GPU, float32 on CPU. Trained weights stay fp32 under
-    # bf16/fp16 autocast (sku.model.master_dtype); a LoRA run's frozen base is held in it.
+    # bf16/fp16 autocast (sku.train.model.master_dtype); a LoRA run's frozen base is held in it.
     dtype: str = "auto"
     gradient_checkpointing: bool = False
     teacher: str = "cache"  # full fine-tune's KL reference: cached hidden states or a "copy"

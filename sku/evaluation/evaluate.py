@@ -6,7 +6,7 @@
     EVAL/judge-cache.jsonl   verdicts of paid judges (append-only; a rerun asks only the rest)
 
 The model at step s of a negating method is θ_o − λ·(θ_s − θ_o): a snapshot (LoRA adapter or
-task vector θ_s − θ_o, see sku/unlearn.py) is negated with taskvec before it is loaded. The
+task vector θ_s − θ_o, see sku/train/unlearn.py) is negated with taskvec before it is loaded. The
 original model's responses are generated once per prompts and decoding settings, and reused
 (BLEURT compares against them; pass the same --original-cache to share them between runs).
 """
@@ -23,28 +23,21 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sku.data import PROMPT_TEMPLATE
+from sku.data.template import PROMPT_TEMPLATE
 from sku.errors import SkuError
-from sku.judge import CATEGORIES, PROMPT_VERSION, VerdictCache, judge_pairs, make_judge
+from sku.evaluation.generate import Decoding, device_and_dtype, generate, load_generator, release
+from sku.evaluation.judge import (
+    CATEGORIES,
+    PROMPT_VERSION,
+    VerdictCache,
+    judge_pairs,
+    make_judge,
+)
 from taskvec import write_atomic, write_json
 
 SPLITS = ("unlearned_harmful", "unseen_harmful", "normal")
 HARMFUL_SPLITS = SPLITS[:2]
-STOP_TEXT = "### Question:"  # the template's next turn: what follows is not this answer
 FORMAT = "sku-eval/1"
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Fixed generation settings, recorded in metrics.json (greedy by default)."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 8
-    stop: str = STOP_TEXT
 
 
 @dataclass
@@ -56,7 +49,7 @@ class EvalOptions:
     concurrency: int = 8
     judge_cache: str | None = None  # default: EVAL/judge-cache.jsonl
     ppl_model: str | None = None
-    ppl_condition: str = "none"  # see sku.metrics.CONDITIONING
+    ppl_condition: str = "none"  # see sku.evaluation.metrics.CONDITIONING
     bleurt: str | None = None
     steps: bool = False
     model: str | None = None  # evaluate this folder instead of RUN/model
@@ -216,82 +209,7 @@ def model_specs(run: RunInfo, base: Path, options: EvalOptions) -> list[ModelSpe
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation
-
-
-def _device_and_dtype(name: str):
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, name)
-
-
-def load_generator(folder: Path, adapter: Path | None, tokenizer_folder: Path, dtype_name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device, dtype = _device_and_dtype(dtype_name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    except (OSError, ValueError) as e:
-        raise SkuError(f"{adapter or folder}: cannot load the model: "
-                       f"{str(e).splitlines()[0]}") from None
-    tokenizer.padding_side = "left"  # generation continues every row from its last token
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return model.to(device).eval(), tokenizer
-
-
-def _release(model) -> None:
-    """Free a model's memory before the next one loads (one model at a time)."""
-    import gc
-
-    import torch
-
-    model.to("meta")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def generate(model, tokenizer, prompts: list[str], decoding: Decoding) -> list[str]:
-    """Responses to `prompts` in the training template, in batches sorted by length. A model
-    never generates past its context length (n_positions or max_position_embeddings)."""
-    import torch
-
-    torch.manual_seed(decoding.seed)
-    texts = [PROMPT_TEMPLATE.format(prompt=p) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    responses = [""] * len(texts)
-    sampling = ({"temperature": decoding.temperature, "top_p": decoding.top_p}
-                if decoding.do_sample else {})
-    device = next(model.parameters()).device
-    config = model.config
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
-                                                               None)
-    for b in range(0, len(order), decoding.batch_size):
-        batch = order[b:b + decoding.batch_size]
-        inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True)
-        width = inputs["input_ids"].shape[1]
-        room = context - width if context else decoding.max_new_tokens
-        if room <= 0:
-            raise SkuError(f"a prompt of {width} tokens fills the model's context ({context})")
-        with torch.no_grad():
-            output = model.generate(**inputs.to(device),
-                                    max_new_tokens=min(decoding.max_new_tokens, room),
-                                    do_sample=decoding.do_sample,
-                                    pad_token_id=tokenizer.pad_token_id, **sampling)
-        new_tokens = output[:, width:]
-        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
-                           strict=True):
-            responses[i] = text.split(decoding.stop)[0].strip() if decoding.stop else text.strip()
-    return responses
+# Generations, cached
 
 
 def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOptions,
@@ -307,7 +225,7 @@ def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOp
         model, tokenizer = load_generator(folder, adapter, tokenizer_folder, options.dtype)
         prompts = [p for name in SPLITS for p in splits[name]]
         flat = generate(model, tokenizer, prompts, options.decoding)
-        _release(model)
+        release(model)
     responses, start = {}, 0
     for name in SPLITS:
         responses[name] = flat[start:start + len(splits[name])]
@@ -323,10 +241,10 @@ def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOp
 
 def _scorer(metric: str, factory, name: str, options: EvalOptions, not_computed: dict):
     """`factory(name, device=…)`, or None with `not_computed[metric]` saying why not."""
-    from sku.metrics import MetricUnavailable
+    from sku.evaluation.metrics import MetricUnavailable
 
     try:
-        return factory(name, device=_device_and_dtype(options.dtype)[0])
+        return factory(name, device=device_and_dtype(options.dtype)[0])
     except MetricUnavailable as e:
         not_computed[metric] = f"not computed: {e}"
         return None
@@ -334,7 +252,7 @@ def _scorer(metric: str, factory, name: str, options: EvalOptions, not_computed:
 
 def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: dict) -> dict:
     """{label: {split: Perplexity}}, or {} when the reference model is not available."""
-    from sku.metrics import DEFAULT_PPL_MODEL, ReferenceLM
+    from sku.evaluation.metrics import DEFAULT_PPL_MODEL, ReferenceLM
 
     reference = _scorer("perplexity", ReferenceLM, options.ppl_model or DEFAULT_PPL_MODEL,
                         options, not_computed)
@@ -349,7 +267,7 @@ def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: 
 
 def _bleurt(sets: dict, options: EvalOptions, not_computed: dict) -> dict:
     """{label: [BLEURT(original, response)] on normal prompts}, or {} when unavailable."""
-    from sku.metrics import DEFAULT_BLEURT, Bleurt
+    from sku.evaluation.metrics import DEFAULT_BLEURT, Bleurt
 
     scorer = _scorer("bleurt", Bleurt, options.bleurt or DEFAULT_BLEURT, options, not_computed)
     if scorer is None:
@@ -407,7 +325,7 @@ def response_rows(specs, splits, sets, verdicts, perplexities, bleurts) -> list[
 def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) -> dict:
     """Evaluate a run into `out` (metrics.json, responses.jsonl); returns the metrics."""
     import taskvec
-    from sku.metrics import CONDITIONING, DEFAULT_BLEURT, DEFAULT_PPL_MODEL
+    from sku.evaluation.metrics import CONDITIONING, DEFAULT_BLEURT, DEFAULT_PPL_MODEL
 
     run_folder, out = Path(run_folder), Path(out)
     if (out / "metrics.json").exists() and not options.force:

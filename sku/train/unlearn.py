@@ -23,28 +23,17 @@ from pathlib import Path
 import torch
 
 import taskvec
-from sku.batch import StepBuilder, schedule
-from sku.config import UnlearnConfig
-from sku.data import (
-    hold_out,
-    load_forget,
-    load_normal,
-    splits_json,
-    visited_prompts,
-    with_answers,
-)
+from sku.data.encoding import with_answers
+from sku.data.readers import load_forget, load_normal
+from sku.data.splits import hold_out, splits_json, visited_prompts
 from sku.errors import SkuError
-from sku.methods import METHODS, Method
-from sku.model import FusedLoss, load_model, master_dtype, resolve_dtype
-from sku.train import (
-    NonFiniteLoss,
-    cache_teacher,
-    checkpoint_step,
-    keep_trainable,
-    load_checkpoint,
-    save_checkpoint,
-    train,
-)
+from sku.train.batch import StepBuilder, schedule
+from sku.train.checkpoint import checkpoint_step, keep_trainable, load_checkpoint, save_checkpoint
+from sku.train.config import UnlearnConfig
+from sku.train.loop import NonFiniteLoss, cache_teacher, train
+from sku.train.loss import FusedLoss
+from sku.train.methods import METHODS, Method
+from sku.train.model import load_model, master_dtype, resolve_dtype
 from taskvec import OutputDir, write_json
 
 RUN_ENTRIES = {"run.json", "splits.json", "train_log.jsonl", "checkpoint", "snapshots",

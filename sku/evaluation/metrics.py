@@ -78,7 +78,7 @@ class ReferenceLM:
 
     def _rows(self, responses: Sequence[str], prompts: Sequence[str] | None):
         """(token ids, index of the first scored position, truncated?) per response."""
-        from sku.data import PROMPT_TEMPLATE
+        from sku.data.template import PROMPT_TEMPLATE
 
         tokenize = self.tokenizer
         start = [] if self.start_id is None else [self.start_id]

@@ -1,6 +1,6 @@
 """`sku demo`: the whole study on a tiny model and bundled fictional data, in minutes on a CPU.
 
-The data in sku/demo_data/ describe a made-up world. The "harmful" set asks for mild mischief
+The data in sku/demo/data/ describe a made-up world. The "harmful" set asks for mild mischief
 (honking clockwork geese, swapped jam labels) in PKU-SafeRLHF's schema, with a safe or a
 second unsafe response per prompt; the normal set asks about the world in TruthfulQA's CSV
 schema. A tiny LLaMA-shaped model is pre-trained on all of it (it "knows" the unseen harmful
@@ -18,7 +18,6 @@ divergence (the paper's ablations), runs through `sku unlearn`'s own code, and e
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,22 +25,18 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from sku_kernels import linear_ce_kl
 
-from sku.batch import answer_positions, pad_batch, pad_id
-from sku.config import resolve_config
-from sku.data import PROMPT_TEMPLATE, Encoded, Pair, encode, load_forget, load_normal
+from sku.data.readers import load_forget, load_normal
+from sku.demo.tiny_model import MAX_LENGTH, answer_loss, pretrain
 from sku.errors import SkuError
-from sku.methods import METHODS
-from sku.model import final_hidden_states
-from sku.unlearn import unlearn
+from sku.train.config import resolve_config
+from sku.train.methods import METHODS
+from sku.train.unlearn import unlearn
 from taskvec import write_atomic, write_json
 
-DATA = resources.files("sku") / "demo_data"
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+DATA = resources.files("sku.demo") / "data"
 DEMO_ENTRIES = {"original", "runs", "original-responses", "report", "answer_loss.md",
                 "answer_loss.json"}
-MAX_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -61,68 +56,6 @@ RUNS = {**{name: (name, {}) for name in METHODS},
         "sku_no_rd": ("sku", {"eps": [2.5, 0.0, 1.0]}),  # w/o random disassociation
         "sku_no_pd": ("sku", {"eps": [2.5, 2.5, 0.0]})}  # w/o preservation divergence
 DECODING = {"max_new_tokens": 32, "batch_size": 16}  # greedy; answers here are < 25 tokens
-
-
-def train_tokenizer(texts: list[str], folder: Path):
-    """A word-level tokenizer over the texts (and the template), adding BOS like LLaMA's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    template = PROMPT_TEMPLATE.format(prompt="")
-    tokenizer.train_from_iterator([template, *texts],
-                                  trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A", special_tokens=[("[BOS]", tokenizer.token_to_id("[BOS]"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]",
-                                   unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
-    fast.save_pretrained(folder)
-    return fast
-
-
-def pretrain(folder: Path, pairs: list[Pair], steps: int, seed: int = 0) -> None:
-    """θ_o: a tiny LLaMA that learns every pair, prompt and answer, from random init. Its
-    sequences end in EOS, so that its answers end (generation stops there); the unlearning
-    rows keep the official template, without EOS."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_tokenizer([text for p in pairs for text in (p.prompt, p.response)], folder)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(seed)
-    eos = tokenizer.eos_token_id
-    for _ in range(steps):
-        encoded = [Encoded(e.input_ids[:MAX_LENGTH - 1] + [eos], e.answer_start)
-                   for e in encode(tokenizer, rng.sample(pairs, 16), MAX_LENGTH)]
-        input_ids, attention_mask = pad_batch(encoded, pad_id(tokenizer))
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(folder)
-
-
-@torch.no_grad()
-def answer_loss(model_dir: Path, pairs: list[Pair]) -> float:
-    """Mean cross-entropy per answer token of the pairs under the model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = encode(tokenizer, pairs, MAX_LENGTH)
-    input_ids, attention_mask = pad_batch(encoded, pad_id(tokenizer))
-    positions = [p for r, e in enumerate(encoded)
-                 for p in answer_positions(e, r, input_ids.shape[1])]
-    labels = [t for e in encoded for t in e.input_ids[e.answer_start:]]
-    hidden = final_hidden_states(model, input_ids, attention_mask).flatten(0, 1)[positions]
-    head = model.get_output_embeddings().weight
-    return linear_ce_kl(hidden, head, torch.tensor(labels), reduction="mean").item()
 
 
 def _prepare(out: Path, force: bool) -> None:
@@ -174,8 +107,9 @@ def _unlearn_all(out: Path, budget: Budget, harmful_file: Path, normal_file: Pat
 
 def _evaluate_all(out: Path) -> dict:
     """`sku eval` of every run (keyword judge, every snapshot), then `sku report`."""
-    from sku.evaluate import Decoding, EvalOptions, evaluate_run
-    from sku.report import write_report
+    from sku.evaluation.evaluate import EvalOptions, evaluate_run
+    from sku.evaluation.generate import Decoding
+    from sku.evaluation.report import write_report
 
     # No GPT-2 offline: the original model is the perplexity reference. It was trained on
     # templated text only, so it scores each response after its prompt.

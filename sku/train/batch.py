@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sku.data import Encoded, Pair, Schedule, encode
-from sku.methods import Method, Term
+from sku.data.encoding import Encoded, answer_positions, encode, pad_batch, pad_id
+from sku.data.readers import Pair
+from sku.data.splits import Schedule
+from sku.train.methods import Method, Term
 
 
 @dataclass(frozen=True)
@@ -67,23 +69,6 @@ class MicroBatch:
                 teacher[first:first + len(states)] = states
             inputs["teacher_hidden"] = teacher.to(device)
         return inputs
-
-
-def pad_batch(encoded: list[Encoded], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), right-padded to the longest row."""
-    width = max(len(e.input_ids) for e in encoded)
-    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for r, e in enumerate(encoded):
-        input_ids[r, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        attention_mask[r, :len(e.input_ids)] = 1
-    return input_ids, attention_mask
-
-
-def answer_positions(e: Encoded, row: int, width: int) -> list[int]:
-    """Flat positions (row·width + t) that predict the answer: position t predicts token t + 1,
-    so from answer_start − 1 to the last position but one."""
-    return [row * width + t for t in range(e.answer_start - 1, len(e.input_ids) - 1)]
 
 
 def collate(rows: list[Row], encoded: list[Encoded], terms: list[tuple[Term, float]],
@@ -161,11 +146,3 @@ def schedule(kind: str, size: int, batch_size: int, seed: int) -> Schedule:
     """The schedule of one pool; shared with the splits, which pick unlearned prompts from the
     forget rows that training visits."""
     return Schedule(size, batch_size, f"{seed}/{kind}")
-
-
-def pad_id(tokenizer) -> int:
-    """Any id will do: padding positions are masked by position, never by id."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
