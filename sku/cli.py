@@ -199,6 +199,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
     from sku.evaluation.evaluate import EvalOptions, evaluate_run
     from sku.evaluation.generate import Decoding
+    from sku.run import RunFolder
 
     logging.disable_progress_bar()  # one line per model loaded is noise here
 
@@ -211,7 +212,7 @@ def run_eval(args: argparse.Namespace) -> None:
         ppl_model=args.ppl_model, ppl_condition=args.ppl_condition, bleurt=args.bleurt,
         steps=args.steps == "all", model=args.model, original_cache=args.original_cache,
         decoding=decoding, dtype=args.dtype, force=args.force)
-    out = Path(args.out) if args.out else Path(args.run) / "eval"
+    out = Path(args.out) if args.out else RunFolder(args.run).eval
     metrics = evaluate_run(args.run, out, options)
     final = metrics["final"]
     rates = ", ".join(f"{name} {rate:.1%}" if (rate := final[name].get("harmful_rate")) is not None

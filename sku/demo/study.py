@@ -17,7 +17,6 @@ divergence (the paper's ablations), runs through `sku unlearn`'s own code, and e
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from sku.data.readers import load_forget, load_normal
 from sku.demo.tiny_model import MAX_LENGTH, answer_loss, pretrain
 from sku.errors import SkuError
+from sku.run import HARMFUL_SPLITS, RunFolder
 from sku.train.config import resolve_config
 from sku.train.methods import METHODS
 from sku.train.unlearn import unlearn
@@ -119,18 +119,18 @@ def _evaluate_all(out: Path) -> dict:
                           decoding=Decoding(**DECODING))
     for name in RUNS:
         print(f"sku demo: evaluating: {name}", flush=True)
-        evaluate_run(out / "runs" / name, out / "runs" / name / "eval", options)
+        run = RunFolder(out / "runs" / name)
+        evaluate_run(run.path, run.eval, options)
     return write_report([out / "runs" / name for name in RUNS], out / "report")
 
 
 def _answer_losses(out: Path, forget, normal) -> dict[str, dict[str, float]]:
-    splits = json.loads((out / "runs" / "sku" / "splits.json").read_text())
-    harmful_of = {name: [p for p in forget.harmful if p.prompt in
-                         {s["prompt"] for s in splits[name]}]
-                  for name in ("unlearned_harmful", "unseen_harmful")}
-    questions = {s["prompt"] for s in splits["normal"]}
-    evaluation = {**harmful_of, "normal": [p for p in normal.pairs if p.prompt in questions]}
-    models = {"original": out / "original", **{name: out / "runs" / name / "model"
+    splits = {name: set(prompts)
+              for name, prompts in RunFolder(out / "runs" / "sku").splits().items()}
+    evaluation = {name: [p for p in forget.harmful if p.prompt in splits[name]]
+                  for name in HARMFUL_SPLITS}
+    evaluation["normal"] = [p for p in normal.pairs if p.prompt in splits["normal"]]
+    models = {"original": out / "original", **{name: RunFolder(out / "runs" / name).model
                                                for name in RUNS}}
     return {name: {split: answer_loss(folder, pairs) for split, pairs in evaluation.items()}
             for name, folder in models.items()}

@@ -33,10 +33,9 @@ from sku.evaluation.judge import (
     judge_pairs,
     make_judge,
 )
+from sku.run import HARMFUL_SPLITS, SPLITS, RunFolder, RunInfo, read_json, snapshot_kind
 from taskvec import write_atomic, write_json
 
-SPLITS = ("unlearned_harmful", "unseen_harmful", "normal")
-HARMFUL_SPLITS = SPLITS[:2]
 FORMAT = "sku-eval/1"
 
 
@@ -63,76 +62,8 @@ def _progress(message: str) -> None:
     print(f"sku eval: {message}", file=sys.stderr, flush=True)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SkuError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise SkuError(f"{path}: unreadable: {e}") from None
-
-
 # ---------------------------------------------------------------------------------------------
-# The run folder
-
-
-def load_splits(path: Path) -> dict[str, list[str]]:
-    """Prompts of each evaluation split from splits.json: lists of {prompt, ...} or strings."""
-    data = _read_json(path)
-    splits = {}
-    for name in SPLITS:
-        items = data.get(name)
-        if not isinstance(items, list):
-            raise SkuError(f"{path}: no list {name!r} (expected keys {', '.join(SPLITS)})")
-        prompts = [item.get("prompt") if isinstance(item, dict) else item for item in items]
-        if not all(isinstance(p, str) for p in prompts):
-            raise SkuError(f"{path}: {name}: every item needs a prompt string")
-        splits[name] = prompts
-    return splits
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    folder: Path
-    method: str
-    model: str  # the original model, as the run named it
-    negate: bool
-    scale: float
-    max_steps: int
-    eps: list[float] | None = None  # the run's ε: names SKU's ablations in reports
-
-
-def load_run(folder: Path) -> RunInfo:
-    path = folder / "run.json"
-    data = _read_json(path)
-    try:
-        config = data["config"]
-        return RunInfo(folder, config["method"], config["model"], bool(data["method"]["negate"]),
-                       float(config["scale"]), int(config["max_steps"]), config.get("eps"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise SkuError(f"{path}: not a `sku unlearn` run.json (missing or bad {e})") from None
-
-
-def snapshots(run: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in (run / "snapshots").glob("step-*"):
-        step = path.name.removeprefix("step-")
-        if path.is_dir() and step.isdigit():
-            found.append((int(step), path))
-    return sorted(found)
-
-
-def snapshot_kind(folder: Path) -> str:
-    """A snapshot as `sku unlearn` writes it: "adapter" (LoRA runs) or "task_vector"
-    (θ_s − θ_o of a full fine-tune)."""
-    import taskvec
-
-    found = taskvec.kind(folder)
-    if found == "lora_adapter":
-        return "adapter"
-    if found == "task_vector":
-        return "task_vector"
-    raise SkuError(f"{folder}: neither a LoRA adapter nor a taskvec task vector")
+# The models of a run
 
 
 @dataclass(frozen=True)
@@ -189,17 +120,16 @@ def materialised(spec: ModelSpec, work: Path):
 
 def model_specs(run: RunInfo, base: Path, options: EvalOptions) -> list[ModelSpec]:
     """The original (step 0), each snapshot when asked for, and the final model."""
-    final = Path(options.model) if options.model else run.folder / "model"
+    folder = RunFolder(run.folder)
+    final = Path(options.model) if options.model else folder.model
     if not final.is_dir():
         raise SkuError(f"{final}: no final model folder (has `sku unlearn` finished?)")
     specs = [ModelSpec("original", 0, base)]
-    # A full fine-tune's snapshots are task vectors against the run's own copy of θ_o.
-    theta_o = run.folder / "theta_o"
-    snapshot_base = theta_o if theta_o.is_dir() else base
+    snapshot_base = folder.theta_o(base)
     if options.steps:
-        for step, folder in snapshots(run.folder):
+        for step, snapshot in folder.list_snapshots():
             if step != run.max_steps:  # the final model is that step, already negated
-                specs.append(ModelSpec(f"step-{step}", step, snapshot_base, folder, run.negate,
+                specs.append(ModelSpec(f"step-{step}", step, snapshot_base, snapshot, run.negate,
                                        run.scale))
     if (final / "adapter_config.json").is_file():
         specs.append(ModelSpec("final", run.max_steps, base, final))
@@ -218,7 +148,7 @@ def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOp
     key = fingerprint(spec, splits, options.decoding)
     path = cache_dir / f"{spec.label}-{key[:16]}.json"
     if path.is_file():
-        cached = _read_json(path)
+        cached = read_json(path)
         if cached.get("fingerprint") == key:
             return cached["responses"]
     with materialised(spec, work) as (folder, adapter):
@@ -333,8 +263,8 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     if options.ppl_condition not in CONDITIONING:
         raise SkuError(f"--ppl-condition {options.ppl_condition!r}: expected one of "
                        f"{', '.join(CONDITIONING)}")
-    run = load_run(run_folder)
-    splits = load_splits(run_folder / "splits.json")
+    folder = RunFolder(run_folder)
+    run, splits = folder.info(), folder.splits()
     try:
         base = taskvec.resolve(run.model, "original model")
     except taskvec.TaskVecError as e:

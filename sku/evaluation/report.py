@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from sku.errors import SkuError
+from sku.run import RunFolder
 from taskvec import write_atomic, write_json
 
 METHOD_LABELS = {"ft": "FT", "task_vector": "Task Vector", "ga": "GA",
@@ -51,7 +52,7 @@ CURVES = (  # (file stem, metrics section, field, y label, log scale)
 def load_metrics(path: str | Path) -> dict:
     """metrics.json from an EVAL folder, a RUN folder (RUN/eval/), or the file itself."""
     path = Path(path)
-    for candidate in (path, path / "metrics.json", path / "eval" / "metrics.json"):
+    for candidate in (path, path / "metrics.json", RunFolder(path).eval / "metrics.json"):
         if candidate.is_file():
             try:
                 metrics = json.loads(candidate.read_text(encoding="utf-8"))

@@ -1,15 +1,4 @@
-"""`sku unlearn`: one method, end to end, into one run folder.
-
-    RUN/run.json          resolved settings, method weights, world size, library versions
-    RUN/splits.json       evaluation prompts: unlearned harmful, unseen harmful, normal
-    RUN/train_log.jsonl   one line per step: each loss term, lr, tokens/s, memory
-    RUN/checkpoint/       the last resumable state: accelerate save_state (sharded under FSDP),
-                          step.json; finite weights only; removed once stage 1 is saved
-    RUN/snapshots/step-N/ LoRA adapter, or task vector θ_N − θ_o of a full fine-tune
-    RUN/theta_bad/        stage 1 of a negating method (adapter or checkpoint)
-    RUN/adapter/          stage 1 of a non-negating method trained with LoRA
-    RUN/model/            the final model: θ_o − λ·(θ_bad − θ_o) for negating methods
-"""
+"""`sku unlearn`: one method, end to end, into one run folder (its layout: sku/run.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +16,7 @@ from sku.data.encoding import with_answers
 from sku.data.readers import load_forget, load_normal
 from sku.data.splits import hold_out, splits_json, visited_prompts
 from sku.errors import SkuError
+from sku.run import SPLITS, RunFolder
 from sku.train.batch import StepBuilder, schedule
 from sku.train.checkpoint import checkpoint_step, keep_trainable, load_checkpoint, save_checkpoint
 from sku.train.config import UnlearnConfig
@@ -34,12 +24,8 @@ from sku.train.loop import NonFiniteLoss, cache_teacher, train
 from sku.train.loss import FusedLoss
 from sku.train.methods import METHODS, Method
 from sku.train.model import load_model, master_dtype, resolve_dtype
-from taskvec import OutputDir, write_json
+from taskvec import OutputDir
 
-RUN_ENTRIES = {"run.json", "splits.json", "train_log.jsonl", "checkpoint", "snapshots",
-               "theta_bad", "adapter", "model", "theta_o"}
-# θ_o as a full fine-tune's stage 2 subtracts it: written once, by the writer that writes θ_bad.
-THETA_O = "theta_o"
 _VERSIONED = ("sku-unlearn", "torch", "transformers", "peft", "accelerate", "tokenizers",
               "safetensors")
 
@@ -85,18 +71,6 @@ def base_checkpoint(name: str, *, lora: bool) -> tuple[Path, torch.dtype]:
     return folder, getattr(torch, dtypes[0])
 
 
-def stage2_original(config: UnlearnConfig, out: Path) -> Path:
-    """θ_o for stage 2 and for snapshots: RUN/theta_o when written, else the original."""
-    copy = out / THETA_O
-    return copy if copy.is_dir() else base_checkpoint(config.model, lora=config.lora)[0]
-
-
-def stage1_name(method: Method, lora: bool) -> str:
-    if method.negate:
-        return "theta_bad"
-    return "adapter" if lora else "model"
-
-
 def prepare_data(config: UnlearnConfig, method: Method, tokenizer):
     """(training pools, evaluation splits, provenance). Unseen harmful prompts and normal
     evaluation questions are held out of every pool; unlearned harmful prompts are drawn from
@@ -112,12 +86,8 @@ def prepare_data(config: UnlearnConfig, method: Method, tokenizer):
         raise SkuError(f"{forget.source}: no harmful pair keeps an answer token within "
                        f"max_length {config.max_length}")
     visits = schedule("forget", len(forget_pool), config.batch_size, seed)
-    splits = {
-        "unlearned_harmful": visited_prompts(forget_pool, visits, config.max_steps, size,
-                                             f"{seed}/unlearned"),
-        "unseen_harmful": unseen,
-        "normal": normal_eval,
-    }
+    unlearned = visited_prompts(forget_pool, visits, config.max_steps, size, f"{seed}/unlearned")
+    splits = dict(zip(SPLITS, (unlearned, unseen, normal_eval), strict=True))
     active = {t.rows for t, _ in method.active_terms(tuple(config.eps))}
     if "mismatch" in active:
         active.add(method.mismatch_pool)
@@ -152,16 +122,15 @@ def _micro_batch_size(config: UnlearnConfig, world: int) -> int:
 RESUME_MAY_CHANGE = {"lr"}
 
 
-def _prepare_folder(out: Path, config: UnlearnConfig, accelerator, *, resume: bool,
+def _prepare_folder(run: RunFolder, config: UnlearnConfig, accelerator, *, resume: bool,
                     force: bool) -> dict:
     """Checks on every process (so all raise together), changes on the main one. Returns the
     settings a resume changes, {key: [was, now]}."""
-    run_json = out / "run.json"
-    changed = {}
+    out, changed = run.path, {}
     if resume:
-        if not run_json.is_file():
+        if not run.run_json.is_file():
             raise SkuError(f"{out}: nothing to resume (no run.json)")
-        saved, now = json.loads(run_json.read_text())["config"], config.as_dict()
+        saved, now = run.read_run()["config"], config.as_dict()
         for key in saved.keys() - {"out"}:
             if saved[key] != now.get(key):
                 if key not in RESUME_MAY_CHANGE:
@@ -173,8 +142,7 @@ def _prepare_folder(out: Path, config: UnlearnConfig, accelerator, *, resume: bo
         if not force:
             raise SkuError(f"{out}: already exists (pass --resume to continue it, or --force "
                            "to start over)")
-        foreign = [p.name for p in out.iterdir()
-                   if p.name not in RUN_ENTRIES and not p.name.startswith(".")]
+        foreign = run.foreign_entries()
         if foreign:
             raise SkuError(f"{out}: not a sku run folder (it holds {foreign[0]}); "
                            "refusing to replace it")
@@ -238,21 +206,8 @@ class Saver:
         self.accelerator.wait_for_everyone()
 
 
-def _append_log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """On resume, steps after the checkpoint are trained again and logged again."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines()
-                 if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
 def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Precision,
-            tokenizer, pools, out: Path, micro: int, resume: bool) -> None:
+            tokenizer, pools, run: RunFolder, micro: int, resume: bool) -> None:
     device = accelerator.device
     model = load_model(config, precision.compute, precision.params, device)
     _, base_dtype = base_checkpoint(config.model, lora=config.lora)
@@ -274,24 +229,24 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
         optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_save_state_pre_hook(keep_trainable)
-    saver = Saver(accelerator, fused, tokenizer, config, out / THETA_O, base_dtype)
-    if not config.lora and not (out / THETA_O).is_dir():
+    saver = Saver(accelerator, fused, tokenizer, config, run.theta_o_copy, base_dtype)
+    if not config.lora and not run.theta_o_copy.is_dir():
         # Before any step (and before a resumed checkpoint is loaded) the model is θ_o.
         # Written like θ_bad, stage 2 subtracts tensors of the same names and dtype whatever
         # format the original came in; a LoRA run merges into the original itself.
-        saver.save(out / THETA_O)
-    checkpoint, log = out / "checkpoint", out / "train_log.jsonl"
+        saver.save(run.theta_o_copy)
+    checkpoint = run.checkpoint
     start = 0
     if resume and checkpoint_step(checkpoint) is not None:
         start = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, config.lr)
     if accelerator.is_main_process:
-        _truncate_log(log, start)
+        run.truncate_log(start)
 
     def on_step(step: int, record: dict) -> None:
         if accelerator.is_main_process:
-            _append_log(log, record)
+            run.append_log(record)
         if step in config.save_steps:
-            saver.snapshot(out / "snapshots" / f"step-{step}")
+            saver.snapshot(run.snapshot(step))
         if step % config.checkpoint_every == 0 and step < config.max_steps:
             save_checkpoint(checkpoint, step, accelerator, fused)
 
@@ -305,14 +260,14 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
                 "cause and --resume (a lower --lr is accepted)" if last
                 else "no checkpoint was saved yet")
         raise SkuError(f"{e}: stopped; {kept}") from None
-    saver.save(out / stage1_name(method, config.lora))
+    saver.save(run.stage1(negate=method.negate, lora=config.lora))
     if accelerator.is_main_process:
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def _stage2(config: UnlearnConfig, method: Method, tokenizer, out: Path) -> None:
-    base = stage2_original(config, out)
-    stage1, final = out / stage1_name(method, config.lora), out / "model"
+def _stage2(config: UnlearnConfig, method: Method, tokenizer, run: RunFolder) -> None:
+    base = run.theta_o(base_checkpoint(config.model, lora=config.lora)[0])
+    stage1, final = run.stage1(negate=method.negate, lora=config.lora), run.model
     if method.negate:
         taskvec.negate(base, stage1, final, scale=config.scale, force=True)
     else:  # a LoRA adapter, merged into the original checkpoint
@@ -385,34 +340,34 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
     """Run stage 1 and stage 2 of `config.method` into `config.out`, or continue it (resume),
     or replace it (force); returns the final model's folder."""
     accelerator, precision = _accelerator(config)
-    method, out = METHODS[config.method], Path(config.out)
+    method, run = METHODS[config.method], RunFolder(config.out)
     micro = _micro_batch_size(config, accelerator.num_processes)
-    changed = _prepare_folder(out, config, accelerator, resume=resume, force=force)
+    changed = _prepare_folder(run, config, accelerator, resume=resume, force=force)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model)
     pools, splits, provenance = prepare_data(config, method, tokenizer)
     if accelerator.is_main_process and changed:
-        run = json.loads((out / "run.json").read_text())
-        run["config"].update({key: now for key, (_, now) in changed.items()})
-        run.setdefault("resumed_with", []).append({
-            "from_step": checkpoint_step(out / "checkpoint"), "changed": changed})
-        write_json(out / "run.json", run)
+        record = run.read_run()
+        record["config"].update({key: now for key, (_, now) in changed.items()})
+        record.setdefault("resumed_with", []).append({
+            "from_step": checkpoint_step(run.checkpoint), "changed": changed})
+        run.write_run(record)
     if accelerator.is_main_process and not resume:
-        write_json(out / "splits.json", splits_json(splits, seed=config.seed, **provenance))
-        write_json(out / "run.json", {
+        run.write_splits(splits_json(splits, seed=config.seed, **provenance))
+        run.write_run({
             "config": config.as_dict(),
             "method": {"negate": method.negate, "terms": {
                 t.name: w for t, w in method.active_terms(tuple(config.eps))}},
             "world_size": accelerator.num_processes, "micro_batch_size": micro,
             "distributed": str(accelerator.distributed_type), "precision": precision.as_dict(),
             "device": str(accelerator.device), "data": provenance, "versions": _versions()})
-        (out / "snapshots").mkdir()
+        run.snapshots.mkdir()
     accelerator.wait_for_everyone()
-    if not (out / stage1_name(method, config.lora)).exists():
-        _stage1(config, method, accelerator, precision, tokenizer, pools, out, micro, resume)
+    if not run.stage1(negate=method.negate, lora=config.lora).exists():
+        _stage1(config, method, accelerator, precision, tokenizer, pools, run, micro, resume)
     elif accelerator.is_main_process:  # killed after saving stage 1, before removing this
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    if accelerator.is_main_process and not (out / "model").exists():
-        _stage2(config, method, tokenizer, out)
+        shutil.rmtree(run.checkpoint, ignore_errors=True)
+    if accelerator.is_main_process and not run.model.exists():
+        _stage2(config, method, tokenizer, run)
     accelerator.wait_for_everyone()
-    return out / "model"
+    return run.model
