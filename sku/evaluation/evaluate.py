@@ -28,34 +28,69 @@ from sku.errors import SkuError
 from sku.evaluation.generate import Decoding, device_and_dtype, generate, load_generator, release
 from sku.evaluation.judge import (
     CATEGORIES,
+    JUDGES,
     PROMPT_VERSION,
     VerdictCache,
     judge_pairs,
     make_judge,
 )
+from sku.evaluation.metrics import CONDITIONING, DEFAULT_BLEURT, DEFAULT_PPL_MODEL
 from sku.run import HARMFUL_SPLITS, SPLITS, RunFolder, RunInfo, read_json, snapshot_kind
+from sku.settings import (
+    BOOL,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    TEXT,
+    one_of,
+    setting,
+    validate,
+)
 from taskvec import write_atomic, write_json
 
 FORMAT = "sku-eval/1"
+EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class EvalOptions:
-    judge: str = "keyword"
-    judge_model: str | None = None
-    base_url: str | None = None
-    max_retries: int = 6
-    concurrency: int = 8
-    judge_cache: str | None = None  # default: EVAL/judge-cache.jsonl
-    ppl_model: str | None = None
-    ppl_condition: str = "none"  # see sku.evaluation.metrics.CONDITIONING
-    bleurt: str | None = None
-    steps: bool = False
-    model: str | None = None  # evaluate this folder instead of RUN/model
-    original_cache: str | None = None  # default: EVAL/generations
+    """The settings of `sku eval` (its flags are made from these fields), and of `sku judge`
+    (JUDGE_OPTIONS)."""
+
+    judge: str = setting("keyword", "openai: an LLM judge over any OpenAI-compatible server "
+                                    "(the paper used GPT-4); keyword: an offline heuristic",
+                         choices=list(JUDGES), check=one_of(*JUDGES))
+    judge_model: str | None = setting(None, "the judge's model name, e.g. gpt-4o", check=TEXT)
+    base_url: str | None = setting(
+        None, "OpenAI-compatible server, e.g. http://localhost:8000/v1 (key from "
+              "OPENAI_API_KEY; any key if it needs none)", check=TEXT,
+        shown="$OPENAI_BASE_URL, else OpenAI's")
+    max_retries: int = setting(6, "retries with backoff on 429, 5xx and lost connections",
+                               check=NON_NEGATIVE_INT)
+    concurrency: int = setting(8, "judge requests in flight", check=POSITIVE_INT)
+    judge_cache: str | None = setting(None, "judge verdict cache", flag="--cache", check=TEXT,
+                                      shown="EVAL/judge-cache.jsonl")
+    ppl_model: str | None = setting(None, "reference LM for perplexity: hub id or folder",
+                                    check=TEXT, shown=f"{DEFAULT_PPL_MODEL}, as the paper")
+    ppl_condition: str = setting("none", "score each response alone, or after its templated "
+                                         "prompt", choices=list(CONDITIONING),
+                                 check=one_of(*CONDITIONING))
+    bleurt: str | None = setting(None, "BLEURT checkpoint: hub id or folder", check=TEXT,
+                                 shown=DEFAULT_BLEURT)
+    steps: bool = setting(False, "all: also evaluate every snapshot in RUN/snapshots (metric "
+                                 "curves)", choices={"all": True, "none": False}, check=BOOL)
+    model: str | None = setting(None, "evaluate this model folder instead of RUN/model",
+                                check=TEXT, shown="RUN/model")
+    original_cache: str | None = setting(
+        None, "folder for the original model's responses, to share them between runs",
+        check=TEXT, shown="EVAL/generations")
     decoding: Decoding = dataclasses.field(default_factory=Decoding)
-    dtype: str = "auto"
-    force: bool = False
+    dtype: str = setting("auto", "compute dtype of generation (auto: bfloat16 on a GPU)",
+                         choices=list(EVAL_DTYPES), check=one_of(*EVAL_DTYPES))
+    force: bool = setting(False, "replace an existing metrics.json", check=BOOL,
+                          action="store_true")
+
+
+JUDGE_OPTIONS = ("judge", "judge_model", "base_url", "max_retries", "concurrency", "judge_cache")
 
 
 def _progress(message: str) -> None:
@@ -255,14 +290,12 @@ def response_rows(specs, splits, sets, verdicts, perplexities, bleurts) -> list[
 def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) -> dict:
     """Evaluate a run into `out` (metrics.json, responses.jsonl); returns the metrics."""
     import taskvec
-    from sku.evaluation.metrics import CONDITIONING, DEFAULT_BLEURT, DEFAULT_PPL_MODEL
 
     run_folder, out = Path(run_folder), Path(out)
     if (out / "metrics.json").exists() and not options.force:
         raise SkuError(f"{out / 'metrics.json'}: already exists (pass --force to replace it)")
-    if options.ppl_condition not in CONDITIONING:
-        raise SkuError(f"--ppl-condition {options.ppl_condition!r}: expected one of "
-                       f"{', '.join(CONDITIONING)}")
+    validate(options)
+    validate(options.decoding)
     folder = RunFolder(run_folder)
     run, splits = folder.info(), folder.splits()
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sku.data.template import PROMPT_TEMPLATE
 from sku.errors import SkuError
+from sku.settings import BOOL, INT, NUMBER, POSITIVE_INT, POSITIVE_NUMBER, Check, setting
 
 STOP_TEXT = "### Question:"  # the template's next turn: what follows is not this answer
 
@@ -15,12 +16,16 @@ STOP_TEXT = "### Question:"  # the template's next turn: what follows is not thi
 class Decoding:
     """Fixed generation settings, recorded in metrics.json (greedy by default)."""
 
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 8
+    max_new_tokens: int = setting(128, "most tokens generated per response",
+                                  check=POSITIVE_INT)
+    do_sample: bool = setting(False, "sample instead of greedy decoding", check=BOOL,
+                              action="store_true")
+    temperature: float = setting(1.0, "sampling temperature", check=POSITIVE_NUMBER)
+    top_p: float = setting(1.0, "nucleus sampling: the smallest set of tokens of this mass",
+                           check=Check(lambda v: NUMBER.ok(v) and 0 < v <= 1,
+                                       "a number in (0, 1]"))
+    seed: int = setting(0, "seed of sampling", check=INT)
+    batch_size: int = setting(8, "prompts per generate call", check=POSITIVE_INT)
     stop: str = STOP_TEXT
 
 

@@ -13,7 +13,7 @@ from support.sku import byte_tokenizer, write_bleurt
 import sku.evaluation.evaluate as evaluate
 from sku.cli import main
 from sku.errors import SkuError
-from sku.evaluation.evaluate import ModelSpec, materialised
+from sku.evaluation.evaluate import EvalOptions, ModelSpec, materialised
 from sku.evaluation.generate import Decoding, generate, load_generator
 from sku.run import load_splits
 
@@ -199,3 +199,14 @@ def test_bad_splits_file_is_one_line(tmp_path):
     with pytest.raises(SkuError, match="no list 'unseen_harmful'") as error:
         load_splits(path)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("options, needle", [
+    (EvalOptions(concurrency=0), "concurrency 0: a positive integer"),
+    (EvalOptions(decoding=Decoding(top_p=0.0)), "top_p 0.0: a number in (0, 1]"),
+    (EvalOptions(ppl_condition="answer"), "ppl_condition 'answer': expected one of none, prompt"),
+])
+def test_every_option_is_checked_before_any_work(tmp_path, options, needle):
+    with pytest.raises(SkuError) as error:  # before reading the (missing) run folder
+        evaluate.evaluate_run(tmp_path / "no-run", tmp_path / "eval", options)
+    assert str(error.value) == needle
