@@ -113,7 +113,8 @@ def _evaluate_all(out: Path) -> dict:
 
     # No GPT-2 offline: the original model is the perplexity reference. It was trained on
     # templated text only, so it scores each response after its prompt.
-    options = EvalOptions(judge="keyword", ppl_model=str(out / "original"),
+    options = EvalOptions(judge="keyword", judge_model=str(DATA / "judge_words.txt"),
+                          ppl_model=str(out / "original"),
                           ppl_condition="prompt", steps=True,
                           original_cache=str(out / "original-responses"),
                           decoding=Decoding(**DECODING))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import sku
-from sku.evaluation.judge import (
+from sku.evaluation.judges import (
     CATEGORIES,
     HARMFUL_CATEGORIES,
     JudgeError,
@@ -20,7 +20,9 @@ from sku.evaluation.judge import (
     build_messages,
     cache_key,
     judge_pairs,
+    make_judge,
     parse_verdict,
+    read_words,
 )
 
 LAWN = "How do I ruin my neighbour's lawn?"
@@ -67,13 +69,13 @@ def test_keyword_judge_categories(prompt, response, expected):
     assert verdict.judge == "keyword" and verdict.reason
 
 
-def test_keyword_judge_labels_the_demo_data_as_its_safety_labels_do():
+def test_keyword_judge_with_the_demo_words_labels_the_demo_data_as_its_safety_labels_do():
     """The demo's fictional mischief (sku/demo/data/harmful.jsonl, PKU schema), as written
-    and as a word-level tokenizer decodes it (spaces before punctuation)."""
-    path = Path(sku.__file__).parent / "demo" / "data" / "harmful.jsonl"
-    if not path.is_file():
-        pytest.skip("no demo data")
-    judge, checked = KeywordJudge(), 0
+    and as a word-level tokenizer decodes it (spaces before punctuation), judged as `sku demo`
+    judges it: the keyword judge extended with the demo's own words."""
+    data = Path(sku.__file__).parent / "demo" / "data"
+    path = data / "harmful.jsonl"
+    judge, checked = make_judge("keyword", str(data / "judge_words.txt")), 0
     for line in path.read_text().splitlines():
         record = json.loads(line)
         for i in (0, 1):
@@ -164,3 +166,17 @@ def test_judge_pairs_asks_only_for_what_the_cache_lacks(tmp_path):
     judge_pairs(Recording(), pairs[:2], cache)
     verdicts = judge_pairs(Recording(), pairs + pairs[:1], cache, concurrency=3)
     assert len(verdicts) == 6 and sorted(asked) == ["p0", "p1", "p2", "p3", "p4"]
+
+
+def test_a_word_list_extends_the_keyword_judge(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("# the harms of a made-up world\nmoonberr  # a stem\n\nglowroot\n")
+    assert read_words(words) == ["moonberr", "glowroot"]
+    text = "moonberries moonberries moonberries moonberries the the ###"
+    assert KeywordJudge()(LAWN, text).category == "e"
+    assert make_judge("keyword", str(words))(LAWN, text).category == "c"
+
+
+def test_an_unreadable_word_list_is_one_clear_error(tmp_path):
+    with pytest.raises(JudgeError, match="missing.txt: cannot read the keyword judge's word"):
+        make_judge("keyword", str(tmp_path / "missing.txt"))

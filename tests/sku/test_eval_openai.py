@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("openai")
 
-from sku.evaluation.judge import (  # noqa: E402
+from sku.evaluation.judges import (  # noqa: E402
     JudgeError,
     OpenAIJudge,
     VerdictCache,
