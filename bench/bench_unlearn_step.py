@@ -39,7 +39,7 @@ from sku.io import write_atomic  # noqa: E402
 from sku.data.encoding import Encoded  # noqa: E402
 from sku.data.readers import Pair  # noqa: E402
 from sku.train.batch import Row, collate  # noqa: E402
-from sku.train.loss import FusedLoss  # noqa: E402
+from sku.train.loss import TrainingModule as FusedLoss  # noqa: E402
 from sku.train.methods import METHODS  # noqa: E402
 
 BATCH, K, SEQ = 2, 5, 512

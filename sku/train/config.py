@@ -31,6 +31,7 @@ from sku.settings import (
     validate,
 )
 from sku.train.methods import METHODS
+from sku.train.teacher import TEACHER_CHOICES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64: exact comparisons
 _RECIPES = resources.files("sku.train") / "recipes"
@@ -109,8 +110,8 @@ class UnlearnConfig:
     gradient_checkpointing: bool = setting(False, "recompute activations in backward (less "
                                                   "memory, more time)", check=BOOL)
     teacher: str = setting("cache", "full fine-tune's KL reference: cached hidden states of θ_o "
-                                    "or a frozen copy", choices=["cache", "copy"],
-                           check=one_of("cache", "copy"))
+                                    "or a frozen copy", choices=list(TEACHER_CHOICES),
+                           check=one_of(*TEACHER_CHOICES))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,10 +20,11 @@ from sku.run import SPLITS, RunFolder
 from sku.train.batch import StepBuilder, schedule
 from sku.train.checkpoint import checkpoint_step, keep_trainable, load_checkpoint, save_checkpoint
 from sku.train.config import UnlearnConfig
-from sku.train.loop import NonFiniteLoss, cache_teacher, train
-from sku.train.loss import FusedLoss
+from sku.train.loop import NonFiniteLoss, train
+from sku.train.loss import TrainingModule
 from sku.train.methods import METHODS, Method
 from sku.train.model import load_model, master_dtype, resolve_dtype
+from sku.train.teacher import TeacherMode, cache_teacher
 from taskvec import OutputDir
 
 _VERSIONED = ("sku-unlearn", "torch", "transformers", "peft", "accelerate", "tokenizers",
@@ -160,17 +161,17 @@ class Saver:
     """Stage-1 outputs: adapters, or full checkpoints in the base checkpoint's dtype (a full
     fine-tune's snapshots are task vectors against `base`, the run's θ_o copy)."""
 
-    def __init__(self, accelerator, fused, tokenizer, config: UnlearnConfig, base: Path,
+    def __init__(self, accelerator, module, tokenizer, config: UnlearnConfig, base: Path,
                  base_dtype: torch.dtype):
-        self.accelerator, self.fused, self.tokenizer = accelerator, fused, tokenizer
+        self.accelerator, self.module, self.tokenizer = accelerator, module, tokenizer
         self.lora, self.base, self.base_dtype = config.lora, base, base_dtype
 
     def save(self, folder: Path) -> None:
         """From the full state dict accelerate gathers on the main process (under FSDP the
         parameters themselves are shards): a collective, so every process calls it."""
         accelerator = self.accelerator
-        model = accelerator.unwrap_model(self.fused).model
-        state = accelerator.get_state_dict(self.fused)
+        model = accelerator.unwrap_model(self.module).model
+        state = accelerator.get_state_dict(self.module)
         if accelerator.is_main_process:
             with OutputDir(folder, force=True) as tmp:
                 if self.lora:  # peft keeps the adapter's tensors of the whole state
@@ -182,7 +183,7 @@ class Saver:
 
     @staticmethod
     def _own(state: dict, dtype: torch.dtype | None) -> dict:
-        """The trained model's tensors (not FusedLoss's teacher), cast to `dtype` (the
+        """The trained model's tensors (not the TrainingModule's teacher), cast to `dtype` (the
         original's: fp32 master weights are rounded once, here). Tied tensors (a head tied to
         the embeddings) stay one tensor: save_pretrained drops tied duplicates only then."""
         cast, by_storage = {}, {}
@@ -216,20 +217,21 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
     builder = StepBuilder(method, config.eps, pools, tokenizer, batch_size=config.batch_size,
                           k=config.k, max_length=config.max_length, seed=config.seed)
     needs_reference = any(t.loss == "kl" for t, _ in builder.terms)
-    fused = FusedLoss(model, config.teacher if needs_reference else None, precision.compute)
+    module = TrainingModule(model, config.teacher if needs_reference else None,
+                            precision.compute)
     cache = None
-    if fused.teacher == "cache":
+    if module.teacher is not None and module.teacher.mode is TeacherMode.CACHE:
         with accelerator.autocast():  # θ_o's states as the student computes its own
-            cache = cache_teacher(fused, pools["normal"], tokenizer, config.max_length, device)
-    optimizer = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad],
+            cache = cache_teacher(module, pools["normal"], tokenizer, config.max_length, device)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                   lr=config.lr, weight_decay=config.weight_decay)
-    fused, optimizer = accelerator.prepare(fused, optimizer)
+    module, optimizer = accelerator.prepare(module, optimizer)
     # Not prepared: accelerate would step it once per process; checkpointed with its state.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_save_state_pre_hook(keep_trainable)
-    saver = Saver(accelerator, fused, tokenizer, config, run.theta_o_copy, base_dtype)
+    saver = Saver(accelerator, module, tokenizer, config, run.theta_o_copy, base_dtype)
     if not config.lora and not run.theta_o_copy.is_dir():
         # Before any step (and before a resumed checkpoint is loaded) the model is θ_o.
         # Written like θ_bad, stage 2 subtracts tensors of the same names and dtype whatever
@@ -248,10 +250,10 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
         if step in config.save_steps:
             saver.snapshot(run.snapshot(step))
         if step % config.checkpoint_every == 0 and step < config.max_steps:
-            save_checkpoint(checkpoint, step, accelerator, fused)
+            save_checkpoint(checkpoint, step, accelerator, module)
 
     try:
-        train(fused, optimizer, scheduler, builder, accelerator, start_step=start,
+        train(module, optimizer, scheduler, builder, accelerator, start_step=start,
               max_steps=config.max_steps, micro_batch_size=micro, teacher_cache=cache,
               on_step=on_step)
     except NonFiniteLoss as e:

@@ -163,7 +163,7 @@ def test_answer_positions_by_hand(tokenizer):
     assert encoded[1].answer_start == 16 and encoded[1].answer_tokens == 8
 
     batch = collate([_row(0), _row(0)], encoded, METHODS["ga"].active_terms((1, 1, 1)),
-                    pad_token_id=tokenizer.pad_token_id)
+                    batch_size=2, pad_token_id=tokenizer.pad_token_id)
     width = batch.input_ids.shape[1]
     assert width == 24
     # Row 0 predicts its answer from positions 12..16, row 1 from 15..22: no prompt, no pad.
@@ -176,7 +176,7 @@ def test_answer_positions_by_hand(tokenizer):
 def _row(term: int):
     from sku.train.batch import Row
 
-    return Row(Pair("", "", 0), term, 1.0, 0)
+    return Row(Pair("", "", 0), term, 1, 0)
 
 
 def test_answer_starts_at_the_token_that_carries_the_space(tmp_path):
