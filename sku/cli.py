@@ -172,7 +172,7 @@ def run_judge(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from sku.evaluation.evaluate import JUDGE_OPTIONS, EvalOptions
-    from sku.evaluation.judge import VerdictCache, cache_key, judge_pairs, make_judge
+    from sku.evaluation.judges import VerdictCache, cache_key, judge_pairs, make_judge
     from sku.settings import given, validate
     from taskvec import write_atomic
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from sku.data.template import PROMPT_TEMPLATE
 from sku.errors import SkuError
 from sku.evaluation.generate import Decoding, device_and_dtype, generate, load_generator, release
-from sku.evaluation.judge import (
+from sku.evaluation.judges import (
     CATEGORIES,
     JUDGES,
     PROMPT_VERSION,
