@@ -285,3 +285,61 @@ def test_cache_survives_a_killed_run(tmp_path, monkeypatch):
         assert len(out.read_text().splitlines()) == len(rows)
     finally:
         slow.close()
+
+
+def interruptible(args: list[str]) -> subprocess.Popen:
+    """`sku` in a child whose SIGINT is the default (a background shell ignores it, and a
+    Python started so never raises KeyboardInterrupt), as when Ctrl-C is pressed."""
+    return subprocess.Popen(args, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_stops_paid_requests_keeps_their_verdicts_and_exits_130(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    slow = FakeOpenAI(delay=0.3)
+    try:
+        rows = write_rows(tmp_path / "in.jsonl", 200)
+        cache, out = tmp_path / "cache.jsonl", tmp_path / "out.jsonl"
+        proc = interruptible(cli("judge", "--input", tmp_path / "in.jsonl", "--out", out,
+                                 "--judge", "openai", "--judge-model", "m",
+                                 "--base-url", slow.url, "--cache", cache,
+                                 "--concurrency", "4"))
+        deadline = time.monotonic() + 60
+        while len(slow.judged) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        stopped = time.monotonic() - interrupted
+        assert proc.returncode == 130, stderr
+        assert stopped < 5, f"{stopped:.1f} s from Ctrl-C to exit"
+        time.sleep(1)  # a run that went on asking would be seen by the server now
+        asked = len(slow.judged)
+        assert asked < 8 + 2 * 4 < len(rows), asked  # at most the requests already sent
+        # Every request the server answered before the exit is a verdict in the cache.
+        assert len(VerdictCache(cache).verdicts) == asked
+        assert not out.exists()
+        assert "sku: interrupted" in stderr and "a rerun asks only for the rest" in stderr
+    finally:
+        slow.close()
+
+
+def test_ctrl_c_on_a_long_keyword_run_stops_or_finishes_never_hangs(tmp_path):
+    """40 000 rows through the offline judge: interrupted early it exits 130 within seconds;
+    left alone it finishes; either way it never hangs (the thread pool it had deadlocked)."""
+    write_rows(tmp_path / "in.jsonl", 40_000)
+    args = cli("judge", "--input", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl",
+               "--judge", "keyword", "--force")
+    for wait_before_ctrl_c in (1.0, 2.0, 3.0):
+        proc = interruptible(args)
+        time.sleep(wait_before_ctrl_c)
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode in (0, 130), stderr
+        assert time.monotonic() - interrupted < 5
+    finished = subprocess.run(args, capture_output=True, text=True, env=cli_env(), cwd=REPO,
+                              timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 40_000

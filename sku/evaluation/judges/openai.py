@@ -14,6 +14,8 @@ class OpenAIJudge:
     """GPT-4-style few-shot judge over the OpenAI SDK; `base_url` selects any compatible server.
     The SDK retries 408/409/429/5xx and connection errors with exponential backoff."""
 
+    remote = True  # each verdict is a paid request: asked concurrently, and cached
+
     def __init__(self, model: str, base_url: str | None = None, max_retries: int = 6,
                  timeout: float = 120.0):
         try:
