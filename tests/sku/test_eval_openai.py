@@ -1,15 +1,20 @@
 """The OpenAI judge against a real HTTP server on loopback that speaks the chat-completions
 API, through the real `openai` client: retries on 5xx, structured output and its fallbacks,
-an unreachable server, and a verdict cache that survives a killed run."""
+an unreachable server, a verdict cache that survives a killed run, and Ctrl-C (a real SIGINT)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections import deque
@@ -325,21 +330,56 @@ def test_ctrl_c_stops_paid_requests_keeps_their_verdicts_and_exits_130(tmp_path,
         slow.close()
 
 
+def on_a_terminal(args: list[str]) -> tuple[subprocess.Popen, int]:
+    """`interruptible`, with stderr on a pseudo-terminal (where the progress bar is drawn)."""
+    terminal, child_side = pty.openpty()
+    # A pseudo-terminal starts 0 columns wide, where tqdm draws nothing.
+    fcntl.ioctl(child_side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(args, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=child_side,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    os.close(child_side)
+    return proc, terminal
+
+
+def read_terminal(terminal: int, until: bytes | None, timeout: float) -> bytes:
+    """What the child wrote, up to `until` (or its exit when None) or the timeout."""
+    seen, deadline = b"", time.monotonic() + timeout
+    while (until is None or until not in seen) and time.monotonic() < deadline:
+        if select.select([terminal], [], [], 0.05)[0]:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the child has exited and closed its side
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
 def test_ctrl_c_on_a_long_keyword_run_stops_or_finishes_never_hangs(tmp_path):
-    """40 000 rows through the offline judge: interrupted early it exits 130 within seconds;
-    left alone it finishes; either way it never hangs (the thread pool it had deadlocked)."""
+    """40 000 rows through the offline judge, Ctrl-C once the bar shows judging has begun:
+    it exits 130 within seconds (or 0 if it had just finished), never hangs (the thread pool it
+    ran on deadlocked in 2 of 5 tries); left alone, it finishes."""
     write_rows(tmp_path / "in.jsonl", 40_000)
     args = cli("judge", "--input", tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl",
                "--judge", "keyword", "--force")
-    for wait_before_ctrl_c in (1.0, 2.0, 3.0):
-        proc = interruptible(args)
-        time.sleep(wait_before_ctrl_c)
-        proc.send_signal(signal.SIGINT)
-        interrupted = time.monotonic()
-        _, stderr = proc.communicate(timeout=30)
-        assert proc.returncode in (0, 130), stderr
+    for _ in range(3):
+        proc, terminal = on_a_terminal(args)
+        try:
+            shown = read_terminal(terminal, b"judging (keyword)", timeout=60)
+            assert b"judging (keyword)" in shown  # the bar, on a terminal
+            proc.send_signal(signal.SIGINT)
+            interrupted = time.monotonic()
+            shown += read_terminal(terminal, None, timeout=30)
+            proc.wait(timeout=5)
+        finally:
+            os.close(terminal)
+            proc.kill()
+        assert proc.returncode in (0, 130), shown.decode(errors="replace")[-2000:]
         assert time.monotonic() - interrupted < 5
     finished = subprocess.run(args, capture_output=True, text=True, env=cli_env(), cwd=REPO,
                               timeout=120)
     assert finished.returncode == 0, finished.stderr
+    assert "judging" not in finished.stderr  # no bar when stderr is not a terminal
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 40_000
