@@ -135,6 +135,21 @@ def server(monkeypatch):
     fake.close()
 
 
+@pytest.fixture
+def slow_server(monkeypatch):
+    """`slow_server(delay)`: a FakeOpenAI that answers each request after `delay` seconds."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    servers = []
+
+    def make(delay: float) -> FakeOpenAI:
+        servers.append(FakeOpenAI(delay=delay))
+        return servers[-1]
+
+    yield make
+    for fake in servers:
+        fake.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -256,40 +271,36 @@ def test_unreachable_server_is_one_line_and_keeps_the_cache(server, tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_cache_survives_a_killed_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    slow = FakeOpenAI(delay=0.15)
-    try:
-        rows = write_rows(tmp_path / "in.jsonl", 24)
-        cache, out = tmp_path / "cache.jsonl", tmp_path / "out.jsonl"
-        args = cli("judge", "--input", tmp_path / "in.jsonl", "--out", out, "--judge", "openai",
-                   "--judge-model", "m", "--base-url", slow.url, "--cache", cache,
-                   "--concurrency", "2")
-        proc = subprocess.Popen(args, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while len(slow.judged) < 6 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        while slow.in_flight and time.monotonic() < deadline:
-            time.sleep(0.02)  # requests of the killed run still being answered
-        assert not out.exists()
-        cached = VerdictCache(cache).verdicts
-        assert 0 < len(cached) < len(rows)
+def test_cache_survives_a_killed_run(tmp_path, slow_server):
+    slow = slow_server(0.15)
+    rows = write_rows(tmp_path / "in.jsonl", 24)
+    cache, out = tmp_path / "cache.jsonl", tmp_path / "out.jsonl"
+    args = cli("judge", "--input", tmp_path / "in.jsonl", "--out", out, "--judge", "openai",
+               "--judge-model", "m", "--base-url", slow.url, "--cache", cache,
+               "--concurrency", "2")
+    proc = subprocess.Popen(args, env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(slow.judged) < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    while slow.in_flight and time.monotonic() < deadline:
+        time.sleep(0.02)  # requests of the killed run still being answered
+    assert not out.exists()
+    cached = VerdictCache(cache).verdicts
+    assert 0 < len(cached) < len(rows)
 
-        slow.judged.clear()
-        proc = subprocess.run(args, capture_output=True, text=True, env=cli_env(), cwd=REPO,
-                              timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        missing = [r["prompt"] for r in rows
-                   if cache_key("openai:m", r["prompt"], r["response"]) not in cached]
-        assert sorted(slow.judged) == sorted(missing)  # only what the killed run had not cached
-        summary = f"{len(missing)} judged now, {len(rows) - len(missing)} from the cache"
-        assert summary in proc.stdout
-        assert len(out.read_text().splitlines()) == len(rows)
-    finally:
-        slow.close()
+    slow.judged.clear()
+    proc = subprocess.run(args, capture_output=True, text=True, env=cli_env(), cwd=REPO,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    missing = [r["prompt"] for r in rows
+               if cache_key("openai:m", r["prompt"], r["response"]) not in cached]
+    assert sorted(slow.judged) == sorted(missing)  # only what the killed run had not cached
+    summary = f"{len(missing)} judged now, {len(rows) - len(missing)} from the cache"
+    assert summary in proc.stdout
+    assert len(out.read_text().splitlines()) == len(rows)
 
 
 def interruptible(args: list[str]) -> subprocess.Popen:
@@ -300,34 +311,30 @@ def interruptible(args: list[str]) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def test_ctrl_c_stops_paid_requests_keeps_their_verdicts_and_exits_130(tmp_path, monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    slow = FakeOpenAI(delay=0.3)
-    try:
-        rows = write_rows(tmp_path / "in.jsonl", 200)
-        cache, out = tmp_path / "cache.jsonl", tmp_path / "out.jsonl"
-        proc = interruptible(cli("judge", "--input", tmp_path / "in.jsonl", "--out", out,
-                                 "--judge", "openai", "--judge-model", "m",
-                                 "--base-url", slow.url, "--cache", cache,
-                                 "--concurrency", "4"))
-        deadline = time.monotonic() + 60
-        while len(slow.judged) < 8 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        interrupted = time.monotonic()
-        _, stderr = proc.communicate(timeout=30)
-        stopped = time.monotonic() - interrupted
-        assert proc.returncode == 130, stderr
-        assert stopped < 5, f"{stopped:.1f} s from Ctrl-C to exit"
-        time.sleep(1)  # a run that went on asking would be seen by the server now
-        asked = len(slow.judged)
-        assert asked < 8 + 2 * 4 < len(rows), asked  # at most the requests already sent
-        # Every request the server answered before the exit is a verdict in the cache.
-        assert len(VerdictCache(cache).verdicts) == asked
-        assert not out.exists()
-        assert "sku: interrupted" in stderr and "a rerun asks only for the rest" in stderr
-    finally:
-        slow.close()
+def test_ctrl_c_stops_paid_requests_keeps_their_verdicts_and_exits_130(tmp_path, slow_server):
+    slow = slow_server(0.3)
+    rows = write_rows(tmp_path / "in.jsonl", 200)
+    cache, out = tmp_path / "cache.jsonl", tmp_path / "out.jsonl"
+    proc = interruptible(cli("judge", "--input", tmp_path / "in.jsonl", "--out", out,
+                             "--judge", "openai", "--judge-model", "m",
+                             "--base-url", slow.url, "--cache", cache,
+                             "--concurrency", "4"))
+    deadline = time.monotonic() + 60
+    while len(slow.judged) < 8 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    interrupted = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+    stopped = time.monotonic() - interrupted
+    assert proc.returncode == 130, stderr
+    assert stopped < 5, f"{stopped:.1f} s from Ctrl-C to exit"
+    time.sleep(1)  # a run that went on asking would be seen by the server now
+    asked = len(slow.judged)
+    assert asked < 8 + 2 * 4 < len(rows), asked  # at most the requests already sent
+    # Every request the server answered before the exit is a verdict in the cache.
+    assert len(VerdictCache(cache).verdicts) == asked
+    assert not out.exists()
+    assert "sku: interrupted" in stderr and "a rerun asks only for the rest" in stderr
 
 
 def on_a_terminal(args: list[str]) -> tuple[subprocess.Popen, int]:
