@@ -16,7 +16,19 @@ import sys
 from pathlib import Path
 
 from sku.errors import SkuError
+from sku.log import configure
 from taskvec import TaskVecError
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options of every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    loudness = common.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="count", default=0,
+                          help="more log lines (debug)")
+    loudness.add_argument("-q", "--quiet", action="count", default=0,
+                          help="warnings and errors only, no progress bars")
+    return common
 
 
 def _add_unlearn(commands) -> None:
@@ -24,7 +36,8 @@ def _add_unlearn(commands) -> None:
     from sku.train.config import REQUIRED, UnlearnConfig, recipe_names
 
     p = commands.add_parser(
-        "unlearn", help="run one unlearning method (SKU or a baseline) end to end",
+        "unlearn", parents=[_common()],
+        help="run one unlearning method (SKU or a baseline) end to end",
         description="Stage 1 (training) and stage 2 (negation) of one method into one folder. "
                     "Settings: defaults < --config recipe < flags.")
     p.add_argument("--config", help=f"recipe YAML, or a shipped one: {', '.join(recipe_names())}")
@@ -36,7 +49,8 @@ def _add_unlearn(commands) -> None:
 
 def _add_demo(commands) -> None:
     p = commands.add_parser(
-        "demo", help="every method on a tiny model and bundled fictional data, in minutes on CPU")
+        "demo", parents=[_common()],
+        help="every method on a tiny model and bundled fictional data, in minutes on CPU")
     p.add_argument("--out", default="demo_out", help="demo folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="fewer steps: well under a minute")
     p.add_argument("--force", action="store_true", help="replace an existing demo folder")
@@ -49,7 +63,8 @@ def _add_eval(commands) -> None:
     from sku.settings import add_flags
 
     p = commands.add_parser(
-        "eval", help="generate, judge and score a run's evaluation prompts",
+        "eval", parents=[_common()],
+        help="generate, judge and score a run's evaluation prompts",
         description="Responses of the original and the unlearned model (and, with --steps all, "
                     "of every snapshot) to the run's unlearned-harmful, unseen-harmful and "
                     "normal prompts: harmful rate, perplexity, BLEURT.")
@@ -65,7 +80,8 @@ def _add_judge(commands) -> None:
     from sku.settings import add_flags
 
     p = commands.add_parser(
-        "judge", help="judge {prompt, response} rows for harmfulness (paper Table 3)",
+        "judge", parents=[_common()],
+        help="judge {prompt, response} rows for harmfulness (paper Table 3)",
         description="One output row per input row, in order, with harmful, category (a–g) "
                     "and the judge's reason.")
     p.add_argument("--input", required=True, help="JSONL of {prompt, response} rows")
@@ -78,7 +94,8 @@ def _add_judge(commands) -> None:
 
 def _add_report(commands) -> None:
     p = commands.add_parser(
-        "report", help="Table 1 (markdown and JSON) and Figure 3 (PNG) from evaluations",
+        "report", parents=[_common()],
+        help="Table 1 (markdown and JSON) and Figure 3 (PNG) from evaluations",
         description="Reads RUN/eval/metrics.json, EVAL/metrics.json or a metrics.json file.")
     p.add_argument("inputs", nargs="+", metavar="RUN_OR_EVAL",
                    help="run folders, evaluation folders or metrics.json files")
@@ -106,10 +123,11 @@ def _quiet_transformers() -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from sku.demo.study import run_demo
+    from sku.demo.study import run_demo, summary
 
     _quiet_transformers()
     run_demo(args.out, quick=args.quick, force=args.force)
+    print(summary(args.out))
 
 
 def run_unlearn(args: argparse.Namespace) -> None:
@@ -208,6 +226,7 @@ def run_report(args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
     """Every subcommand sets `handler`; errors in the input are one line and status 1."""
     args = build_parser().parse_args(argv)
+    configure(args.verbose - args.quiet, args.command)
     try:
         args.handler(args)
     except (SkuError, TaskVecError) as e:

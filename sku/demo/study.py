@@ -17,6 +17,7 @@ divergence (the paper's ablations), runs through `sku unlearn`'s own code, and e
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from sku.train.methods import METHODS
 from sku.train.unlearn import unlearn
 from taskvec import write_atomic, write_json
 
+logger = logging.getLogger(__name__)
 DATA = resources.files("sku.demo") / "data"
 DEMO_ENTRIES = {"original", "runs", "original-responses", "report", "answer_loss.md",
                 "answer_loss.json"}
@@ -95,7 +97,7 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False) -> di
 
 def _unlearn_all(out: Path, budget: Budget, harmful_file: Path, normal_file: Path) -> None:
     for name, (method, settings) in RUNS.items():
-        print(f"sku demo: unlearning: {name}", flush=True)
+        logger.info(f"unlearning: {name}")
         config = resolve_config(
             {"method": method, "model": str(out / "original"),
              "forget_data": str(harmful_file), "normal_data": str(normal_file),
@@ -119,7 +121,7 @@ def _evaluate_all(out: Path) -> dict:
                           original_cache=str(out / "original-responses"),
                           decoding=Decoding(**DECODING))
     for name in RUNS:
-        print(f"sku demo: evaluating: {name}", flush=True)
+        logger.info(f"evaluating: {name}")
         run = RunFolder(out / "runs" / name)
         evaluate_run(run.path, run.eval, options)
     return write_report([out / "runs" / name for name in RUNS], out / "report")
@@ -143,8 +145,7 @@ def _run(out: Path, budget: Budget, force: bool) -> dict:
     with resources.as_file(DATA / "harmful.jsonl") as harmful_file, \
             resources.as_file(DATA / "normal.csv") as normal_file:
         forget, normal = load_forget(str(harmful_file)), load_normal(str(normal_file))
-        print(f"sku demo: pre-training the original model ({budget.pretrain_steps} steps)",
-              flush=True)
+        logger.info(f"pre-training the original model ({budget.pretrain_steps} steps)")
         pretrain(out / "original", forget.harmful + forget.safe + normal.pairs,
                  budget.pretrain_steps)
         _unlearn_all(out, budget, Path(harmful_file), Path(normal_file))
@@ -153,8 +154,14 @@ def _run(out: Path, budget: Budget, force: bool) -> dict:
     loss_table = _loss_table(losses, budget)
     write_atomic(out / "answer_loss.md", loss_table)
     write_json(out / "answer_loss.json", {"budget": vars(budget), "answer_loss": losses})
-    table1 = (out / "report" / "report.md").read_text(encoding="utf-8")
-    table1 = table1.split("\n## ")[0].strip()  # the table, without the notes
-    print(f"\n{table1}\n\n{loss_table}\nsku demo: done in {time.perf_counter() - started:.0f} s;"
-          f" Table 1, its notes and Figure 3 in {out / 'report'}")
+    logger.info(f"done in {time.perf_counter() - started:.0f} s")
     return {**report, "answer_loss": losses}
+
+
+def summary(out: str | Path) -> str:
+    """What `sku demo` prints: Table 1 without its notes, and the answer-loss table."""
+    out = Path(out)
+    table1 = (out / "report" / "report.md").read_text(encoding="utf-8").split("\n## ")[0]
+    loss_table = (out / "answer_loss.md").read_text(encoding="utf-8")
+    return (f"{table1.strip()}\n\n{loss_table}\nTable 1, its notes and Figure 3 in "
+            f"{out / 'report'}")

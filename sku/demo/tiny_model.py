@@ -12,6 +12,7 @@ from sku_kernels import linear_ce_kl
 from sku.data.encoding import Encoded, answer_positions, encode, pad_batch, pad_id
 from sku.data.readers import Pair
 from sku.data.template import PROMPT_TEMPLATE
+from sku.log import progress
 from sku.train.model import final_hidden_states
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
@@ -52,7 +53,7 @@ def pretrain(folder: Path, pairs: list[Pair], steps: int, seed: int = 0) -> None
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = random.Random(seed)
     eos = tokenizer.eos_token_id
-    for _ in range(steps):
+    for _ in progress(range(steps), desc="pre-training"):
         encoded = [Encoded(e.input_ids[:MAX_LENGTH - 1] + [eos], e.answer_start)
                    for e in encode(tokenizer, rng.sample(pairs, 16), MAX_LENGTH)]
         input_ids, attention_mask = pad_batch(encoded, pad_id(tokenizer))

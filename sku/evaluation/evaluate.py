@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import sys
+import logging
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -48,6 +48,7 @@ from sku.settings import (
 from taskvec import write_atomic, write_json
 
 FORMAT = "sku-eval/1"
+logger = logging.getLogger(__name__)
 EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -91,10 +92,6 @@ class EvalOptions:
 
 
 JUDGE_OPTIONS = ("judge", "judge_model", "base_url", "max_retries", "concurrency", "judge_cache")
-
-
-def _progress(message: str) -> None:
-    print(f"sku eval: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +186,7 @@ def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOp
     with materialised(spec, work) as (folder, adapter):
         model, tokenizer = load_generator(folder, adapter, tokenizer_folder, options.dtype)
         prompts = [p for name in SPLITS for p in splits[name]]
-        flat = generate(model, tokenizer, prompts, options.decoding)
+        flat = generate(model, tokenizer, prompts, options.decoding, desc=spec.label)
         release(model)
     responses, start = {}, 0
     for name in SPLITS:
@@ -225,7 +222,8 @@ def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: 
         return {}
     conditioned = options.ppl_condition == "prompt"
     return {label: {name: reference.perplexity(responses[name],
-                                               splits[name] if conditioned else None)
+                                               splits[name] if conditioned else None,
+                                               desc=f"perplexity {label} {name}")
                     for name in SPLITS}
             for label, responses in sets.items()}
 
@@ -308,12 +306,12 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     generations = out / "generations"
     sets = {}
     for spec in specs:
-        _progress(f"responses of {spec.label} (step {spec.step})")
+        logger.info(f"responses of {spec.label} (step {spec.step})")
         cache_dir = Path(options.original_cache) if (
             spec.label == "original" and options.original_cache) else generations
         sets[spec.label] = responses_for(spec, splits, options, cache_dir, out, base)
 
-    _progress(f"judging with {judge.name}")
+    logger.info(f"judging with {judge.name}")
     cache = None
     if options.judge != "keyword":
         cache = VerdictCache(options.judge_cache or out / "judge-cache.jsonl")
@@ -325,7 +323,7 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     for (label, name, _), verdict in zip(pairs, flat_verdicts, strict=True):
         verdicts[label, name].append(verdict)
 
-    _progress("perplexity and BLEURT")
+    logger.info("perplexity and BLEURT")
     not_computed: dict[str, str] = {}
     perplexities = _perplexities(sets, splits, options, not_computed)
     bleurts = _bleurt(sets, options, not_computed)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sku.data.template import PROMPT_TEMPLATE
 from sku.errors import SkuError
+from sku.log import progress
 from sku.settings import BOOL, INT, NUMBER, POSITIVE_INT, POSITIVE_NUMBER, Check, setting
 
 STOP_TEXT = "### Question:"  # the template's next turn: what follows is not this answer
@@ -70,7 +71,8 @@ def release(model) -> None:
         torch.cuda.empty_cache()
 
 
-def generate(model, tokenizer, prompts: list[str], decoding: Decoding) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], decoding: Decoding,
+             desc: str = "generating") -> list[str]:
     """Responses to `prompts` in the training template, in batches sorted by length. A model
     never generates past its context length (n_positions or max_position_embeddings)."""
     import torch
@@ -85,7 +87,7 @@ def generate(model, tokenizer, prompts: list[str], decoding: Decoding) -> list[s
     config = model.config
     context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
                                                                None)
-    for b in range(0, len(order), decoding.batch_size):
+    for b in progress(range(0, len(order), decoding.batch_size), desc=desc):
         batch = order[b:b + decoding.batch_size]
         inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True)
         width = inputs["input_ids"].shape[1]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from sku.errors import SkuError
+from sku.log import progress
 
 DEFAULT_PPL_MODEL = "openai-community/gpt2"  # the paper's reference LM is GPT-2
 DEFAULT_BLEURT = "lucadiliello/bleurt-base-128"  # original BLEURT scale, as the paper's scores
@@ -97,13 +98,13 @@ class ReferenceLM:
 
     @torch.no_grad()
     def perplexity(self, responses: Sequence[str], prompts: Sequence[str] | None = None,
-                   batch_size: int = 8) -> Perplexity:
+                   batch_size: int = 8, desc: str = "perplexity") -> Perplexity:
         rows = list(self._rows(responses, prompts))
         nll = [0.0] * len(rows)
         counts = [max(0, len(ids) - first) for ids, first, _ in rows]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # less padding
         scored = [i for i in order if counts[i]]
-        for b in range(0, len(scored), batch_size):
+        for b in progress(range(0, len(scored), batch_size), desc=desc):
             batch = scored[b:b + batch_size]
             width = max(len(rows[i][0]) for i in batch)
             input_ids = torch.zeros(len(batch), width, dtype=torch.long)

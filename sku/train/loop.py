@@ -8,9 +8,9 @@ import time
 from contextlib import nullcontext
 
 import torch
-from tqdm import tqdm
 
 from sku.errors import SkuError
+from sku.log import progress
 from sku.train.batch import StepBuilder
 from sku.train.teacher import TeacherCache
 
@@ -36,8 +36,8 @@ def train(module, optimizer, scheduler, builder: StepBuilder, accelerator, *, st
     names = [term.name for term, _ in builder.terms]
     weights = [weight for _, weight in builder.terms]
     module.train()
-    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps,
-               disable=not accelerator.is_main_process, desc="stage 1")
+    bar = progress(range(start_step, max_steps), initial=start_step, total=max_steps,
+                   disable=not accelerator.is_main_process, desc="stage 1")
     for step in bar:
         started = time.perf_counter()
         sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # + tokens
@@ -64,5 +64,6 @@ def train(module, optimizer, scheduler, builder: StepBuilder, accelerator, *, st
         record = {"step": step + 1, "loss": loss, **terms, "lr": lr,
                   "tokens_per_s": sums[-1] / (time.perf_counter() - started),
                   "memory_gb": round(_memory_gb(), 3)}
-        bar.set_postfix({k: f"{v:.3g}" for k, v in {"loss": loss, **terms}.items()})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in {"loss": loss, **terms}.items()},
+                        refresh=False)  # drawn with the bar's next update, not once more
         on_step(step + 1, record)

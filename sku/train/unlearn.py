@@ -16,6 +16,7 @@ from sku.data.encoding import with_answers
 from sku.data.readers import load_forget, load_normal
 from sku.data.splits import hold_out, splits_json, visited_prompts
 from sku.errors import SkuError
+from sku.log import main_process_logger
 from sku.run import SPLITS, RunFolder
 from sku.train.batch import StepBuilder, schedule
 from sku.train.checkpoint import checkpoint_step, keep_trainable, load_checkpoint, save_checkpoint
@@ -27,6 +28,7 @@ from sku.train.model import load_model, master_dtype, resolve_dtype
 from sku.train.teacher import TeacherMode, cache_teacher
 from taskvec import OutputDir
 
+logger = main_process_logger(__name__)  # every process runs this code; one speaks
 _VERSIONED = ("sku-unlearn", "torch", "transformers", "peft", "accelerate", "tokenizers",
               "safetensors")
 
@@ -212,6 +214,10 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
     device = accelerator.device
     model = load_model(config, precision.compute, precision.params, device)
     _, base_dtype = base_checkpoint(config.model, lora=config.lora)
+    sizes = ", ".join(f"{kind} {len(pairs)}" for kind, pairs in pools.items() if pairs)
+    logger.info(f"stage 1 of {method.name}: {config.max_steps} steps of {config.batch_size} "
+                f"rows on {accelerator.num_processes} process(es), "
+                f"{precision.as_dict()['compute']} compute; pools {sizes}")
     if not config.quantize:
         model.to(device)
     builder = StepBuilder(method, config.eps, pools, tokenizer, batch_size=config.batch_size,
@@ -222,7 +228,8 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
     cache = None
     if module.teacher is not None and module.teacher.mode is TeacherMode.CACHE:
         with accelerator.autocast():  # θ_o's states as the student computes its own
-            cache = cache_teacher(module, pools["normal"], tokenizer, config.max_length, device)
+            cache = cache_teacher(module, pools["normal"], tokenizer, config.max_length, device,
+                                  bar=accelerator.is_main_process)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                   lr=config.lr, weight_decay=config.weight_decay)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -241,6 +248,7 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
     start = 0
     if resume and checkpoint_step(checkpoint) is not None:
         start = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, config.lr)
+        logger.info(f"resuming at step {start} from {checkpoint}")
     if accelerator.is_main_process:
         run.truncate_log(start)
 
@@ -249,6 +257,7 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
             run.append_log(record)
         if step in config.save_steps:
             saver.snapshot(run.snapshot(step))
+            logger.debug(f"snapshot of step {step} in {run.snapshot(step)}")
         if step % config.checkpoint_every == 0 and step < config.max_steps:
             save_checkpoint(checkpoint, step, accelerator, module)
 
@@ -262,7 +271,9 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
                 "cause and --resume (a lower --lr is accepted)" if last
                 else "no checkpoint was saved yet")
         raise SkuError(f"{e}: stopped; {kept}") from None
-    saver.save(run.stage1(negate=method.negate, lora=config.lora))
+    stage1 = run.stage1(negate=method.negate, lora=config.lora)
+    saver.save(stage1)
+    logger.info(f"stage 1 saved in {stage1}")
     if accelerator.is_main_process:
         shutil.rmtree(checkpoint, ignore_errors=True)
 
@@ -271,8 +282,10 @@ def _stage2(config: UnlearnConfig, method: Method, tokenizer, run: RunFolder) ->
     base = run.theta_o(base_checkpoint(config.model, lora=config.lora)[0])
     stage1, final = run.stage1(negate=method.negate, lora=config.lora), run.model
     if method.negate:
+        logger.info(f"stage 2: θ_o − {config.scale:g}·(θ_bad − θ_o) into {final}")
         taskvec.negate(base, stage1, final, scale=config.scale, force=True)
     else:  # a LoRA adapter, merged into the original checkpoint
+        logger.info(f"merging the adapter into {base}: {final}")
         taskvec.apply(base, stage1, final, force=True)
     if not (final / "tokenizer_config.json").is_file():
         tokenizer.save_pretrained(final)

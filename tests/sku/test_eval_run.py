@@ -83,9 +83,9 @@ def eval_args(run, out, *extra):
 def count_generations(monkeypatch) -> list[int]:
     calls = []
 
-    def counting(model, tokenizer, prompts, decoding):
+    def counting(model, tokenizer, prompts, decoding, **kwargs):
         calls.append(len(prompts))
-        return generate(model, tokenizer, prompts, decoding)
+        return generate(model, tokenizer, prompts, decoding, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate", counting)
     return calls

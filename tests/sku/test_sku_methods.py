@@ -153,7 +153,8 @@ def test_help_gives_every_option_a_help_line_and_its_default(command, capsys):
         assert text, f"{flag} has no help"
         required = {"--method", "--model", "--forget-data", "--normal-data", "--out", "--run",
                     "--judge", "--input"}
-        if flag not in required | {"-h", "--config", "--resume", "--force", "--do-sample"}:
+        if flag not in required | {"-h", "-v", "-q", "--config", "--resume", "--force",
+                                   "--do-sample"}:
             assert "(default: " in text, f"{flag}: {text}"
 
 

@@ -366,3 +366,17 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "{unlearn,demo,eval,judge,report}" in capsys.readouterr().out
+
+
+def test_redirected_logs_are_short_lines_and_quiet_is_quiet(llama, tmp_path):
+    proc = run_sku(*unlearn_args("sku", llama, tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.split("\n")  # a bar's redraws are \r-separated within one line
+    assert any(line.startswith("sku unlearn: stage 1 of sku: 4 steps of 2 rows") for line in lines)
+    assert any("stage 1" in line and "4/4" in line for line in lines)  # the bar, at its end
+    assert max(map(len, lines)) < 400
+    assert "finished; the final model is in" in proc.stdout  # what the command reports
+
+    quiet = run_sku(*unlearn_args("sku", llama, tmp_path / "quiet"), "-q")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "sku unlearn:" not in quiet.stderr and "stage 1" not in quiet.stderr
