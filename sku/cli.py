@@ -3,7 +3,7 @@
 `sku unlearn` (one method, stage 1 and stage 2), `sku demo`, and the evaluation's `sku eval`,
 `sku judge` and `sku report`.
 
-Errors in the input print one line, `sku: error: …`, and exit with status 1.
+Errors print one line, `sku: error: …`, and exit with status 1 (see `main`).
 Multi-GPU: `accelerate launch --config_file examples/accelerate/{ddp,fsdp2}.yaml -m sku
 unlearn …` (DDP, or FSDP2 for models that outgrow one GPU; DeepSpeed is refused for now).
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -105,8 +107,8 @@ def _add_report(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sku", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sku", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_add_unlearn, _add_demo, _add_eval, _add_judge, _add_report):
         add(commands)
     return parser
@@ -223,16 +225,45 @@ def run_report(args: argparse.Namespace) -> None:
           f"{Path(args.out) / 'report.md'}")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors follow the one-line rule too, as taskvec's
+        print(f"sku: error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(1)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that every `with` cleans up on the way out."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None) -> int:
-    """Every subcommand sets `handler`; errors in the input are one line and status 1."""
+    """Every subcommand sets `handler`. Errors are one line on stderr and status 1 (usage
+    errors too); Ctrl-C exits 130 and SIGTERM 143, after temporaries are removed; with
+    SKU_DEBUG=1 errors keep their traceback."""
     args = build_parser().parse_args(argv)
     configure(args.verbose - args.quiet, args.command)
+    signal.signal(signal.SIGTERM, _terminate)
+    debug = os.environ.get("SKU_DEBUG") == "1"
     try:
         args.handler(args)
     except (SkuError, TaskVecError) as e:
+        if debug:
+            raise
         print(f"sku: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: one line naming the file
+        if debug:
+            raise
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        print(f"sku: error: {where or type(e).__name__}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("sku: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("sku: terminated", file=sys.stderr)
+        return 143
     return 0
