@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from sku.errors import SkuError
+from sku.errors import SkuError, refuse_existing
 from sku.log import configure
 from taskvec import TaskVecError
 
@@ -197,8 +197,7 @@ def run_judge(args: argparse.Namespace) -> None:
     from taskvec import write_atomic
 
     source, out = Path(args.input), Path(args.out)
-    if out.exists() and not args.force:
-        raise SkuError(f"{out}: already exists (pass --force to replace it)")
+    refuse_existing(out, args.force)
     rows = _read_rows(source)
     options = EvalOptions(**given(EvalOptions, args, JUDGE_OPTIONS))
     validate(options)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from sku.errors import SkuError
+from sku.errors import SkuError, first_line
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _read_hub(source: str) -> tuple[str, list]:
         dataset = datasets.load_dataset(dataset_id, spec.config, split=spec.split,
                                         revision=revision)
     except Exception as e:  # the hub client raises many types; the user needs the first line
-        raise SkuError(f"{source}: could not load it: {str(e).splitlines()[0]}") from None
+        raise SkuError(f"{source}: could not load it: {first_line(e)}") from None
     return f"{dataset_id}@{revision}" if revision else dataset_id, dataset.to_list()
 
 

@@ -28,7 +28,7 @@ import torch
 
 from sku.data.readers import load_forget, load_normal
 from sku.demo.tiny_model import MAX_LENGTH, answer_loss, pretrain
-from sku.errors import SkuError
+from sku.errors import SkuError, refuse_existing
 from sku.run import HARMFUL_SPLITS, RunFolder
 from sku.train.config import resolve_config
 from sku.train.methods import METHODS
@@ -62,8 +62,7 @@ DECODING = {"max_new_tokens": 32, "batch_size": 16}  # greedy; answers here are 
 
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise SkuError(f"{out}: already exists (pass --force to replace it)")
+        refuse_existing(out, force)
         foreign = [p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES]
         if foreign:
             raise SkuError(f"{out}: not a demo folder (it holds {foreign[0]}); "

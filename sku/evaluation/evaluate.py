@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sku.data.template import PROMPT_TEMPLATE
-from sku.errors import SkuError
-from sku.evaluation.generate import Decoding, device_and_dtype, generate, load_generator, release
+from sku.dtypes import DTYPES, default_device
+from sku.errors import SkuError, refuse_existing
+from sku.evaluation.generate import Decoding, generate, load_generator, release
 from sku.evaluation.judges import (
     CATEGORIES,
     JUDGES,
@@ -49,7 +50,6 @@ from taskvec import write_atomic, write_json
 
 FORMAT = "sku-eval/1"
 logger = logging.getLogger(__name__)
-EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -86,7 +86,7 @@ class EvalOptions:
         check=TEXT, shown="EVAL/generations")
     decoding: Decoding = dataclasses.field(default_factory=Decoding)
     dtype: str = setting("auto", "compute dtype of generation (auto: bfloat16 on a GPU)",
-                         choices=list(EVAL_DTYPES), check=one_of(*EVAL_DTYPES))
+                         choices=list(DTYPES), check=one_of(*DTYPES))
     force: bool = setting(False, "replace an existing metrics.json", check=BOOL,
                           action="store_true")
 
@@ -206,7 +206,7 @@ def _scorer(metric: str, factory, name: str, options: EvalOptions, not_computed:
     from sku.evaluation.metrics import MetricUnavailable
 
     try:
-        return factory(name, device=device_and_dtype(options.dtype)[0])
+        return factory(name, device=default_device())
     except MetricUnavailable as e:
         not_computed[metric] = f"not computed: {e}"
         return None
@@ -290,8 +290,7 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     import taskvec
 
     run_folder, out = Path(run_folder), Path(out)
-    if (out / "metrics.json").exists() and not options.force:
-        raise SkuError(f"{out / 'metrics.json'}: already exists (pass --force to replace it)")
+    refuse_existing(out / "metrics.json", options.force)
     validate(options)
     validate(options.decoding)
     folder = RunFolder(run_folder)

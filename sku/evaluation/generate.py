@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sku.data.template import PROMPT_TEMPLATE
-from sku.errors import SkuError
+from sku.dtypes import default_device, resolve_dtype
+from sku.errors import SkuError, cannot_load
 from sku.log import progress
 from sku.settings import BOOL, INT, NUMBER, POSITIVE_INT, POSITIVE_NUMBER, Check, setting
 
@@ -30,19 +31,11 @@ class Decoding:
     stop: str = STOP_TEXT
 
 
-def device_and_dtype(name: str):
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, name)
-
-
 def load_generator(folder: Path, adapter: Path | None, tokenizer_folder: Path, dtype_name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device, dtype = device_and_dtype(dtype_name)
+    device = default_device()
+    dtype = resolve_dtype(dtype_name, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         if adapter is not None:
@@ -51,8 +44,7 @@ def load_generator(folder: Path, adapter: Path | None, tokenizer_folder: Path, d
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     except (OSError, ValueError) as e:
-        raise SkuError(f"{adapter or folder}: cannot load the model: "
-                       f"{str(e).splitlines()[0]}") from None
+        raise cannot_load(adapter or folder, "the model", e) from None
     tokenizer.padding_side = "left"  # generation continues every row from its last token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sku.errors import SkuError
+from sku.errors import SkuError, cannot_load
 from sku.log import progress
 
 DEFAULT_PPL_MODEL = "openai-community/gpt2"  # the paper's reference LM is GPT-2
@@ -67,8 +67,7 @@ class ReferenceLM:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except (OSError, ValueError) as e:
-            raise MetricUnavailable(f"{name_or_path}: cannot load it as a causal LM: "
-                                    f"{str(e).splitlines()[0]}") from None
+            raise cannot_load(name_or_path, "it as a causal LM", e, MetricUnavailable) from None
         self.model.to(device).eval()
         self.name, self.device = name_or_path, torch.device(device)
         config = self.model.config
@@ -181,8 +180,7 @@ class Bleurt:
         try:
             self.tokenizer = BertTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:
-            raise MetricUnavailable(f"{folder}: cannot load its WordPiece tokenizer: "
-                                    f"{str(e).splitlines()[0]}") from None
+            raise cannot_load(folder, "its WordPiece tokenizer", e, MetricUnavailable) from None
         self.model = model.to(device).eval()
         self.name, self.device = name_or_path, torch.device(device)
         self.max_length = config.max_position_embeddings

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from sku.errors import SkuError
+from sku.errors import SkuError, refuse_existing
 from sku.run import RunFolder
 from taskvec import write_atomic, write_json
 
@@ -264,8 +264,7 @@ def plot_curves(evaluations: list[dict], labels: list[str], out: Path) -> tuple[
 
 def write_report(inputs: list[str | Path], out: str | Path, force: bool = False) -> dict:
     out = Path(out)
-    if (out / "report.json").exists() and not force:
-        raise SkuError(f"{out / 'report.json'}: already exists (pass --force to replace it)")
+    refuse_existing(out / "report.json", force)
     if not inputs:
         raise SkuError("sku report: name at least one run or evaluation folder")
     evaluations = [load_metrics(path) for path in inputs]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from sku.errors import SkuError
+from sku.dtypes import DTYPES
+from sku.errors import SkuError, first_line
 from sku.settings import (
     BOOL,
     INT,
@@ -33,7 +34,6 @@ from sku.settings import (
 from sku.train.methods import METHODS
 from sku.train.teacher import TEACHER_CHOICES
 
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")  # float64: exact comparisons
 _RECIPES = resources.files("sku.train") / "recipes"
 
 
@@ -136,7 +136,7 @@ def load_recipe(name_or_path: str) -> dict:
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise SkuError(f"{name_or_path}: unreadable recipe: {str(e).splitlines()[0]}") from None
+        raise SkuError(f"{name_or_path}: unreadable recipe: {first_line(e)}") from None
     if not isinstance(recipe, dict):
         raise SkuError(f"{name_or_path}: a recipe is a mapping of settings")
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))

@@ -8,17 +8,10 @@ import importlib.util
 import torch
 from torch import nn
 
-from sku.errors import SkuError
+from sku.errors import SkuError, cannot_load, first_line
 
 # Config attributes of architectures whose logits are not plain h·Wᵀ (soft-capping, scaling).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype `--dtype` names."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def master_dtype(compute: torch.dtype, *, frozen_base: bool) -> torch.dtype:
@@ -83,8 +76,7 @@ def load_model(config, compute: torch.dtype, params: torch.dtype, device: torch.
     try:
         model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
     except (OSError, ValueError) as e:
-        raise SkuError(f"{config.model}: cannot load the model: {str(e).splitlines()[0]}"
-                       ) from None
+        raise cannot_load(config.model, "the model", e) from None
     _check_plain_head(model, config.model)
     model.config.use_cache = False
     if config.gradient_checkpointing:
@@ -109,5 +101,5 @@ def load_model(config, compute: torch.dtype, params: torch.dtype, device: torch.
     try:
         return get_peft_model(model, lora)
     except ValueError as e:
-        raise SkuError(f"lora_targets {','.join(config.lora_targets)}: "
-                       f"{str(e).splitlines()[0]}") from None
+        raise SkuError(f"lora_targets {','.join(config.lora_targets)}: {first_line(e)}"
+                       ) from None

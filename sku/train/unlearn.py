@@ -15,7 +15,8 @@ import taskvec
 from sku.data.encoding import with_answers
 from sku.data.readers import load_forget, load_normal
 from sku.data.splits import hold_out, splits_json, visited_prompts
-from sku.errors import SkuError
+from sku.dtypes import resolve_dtype
+from sku.errors import SkuError, cannot_load, refuse_existing
 from sku.log import main_process_logger
 from sku.run import SPLITS, RunFolder
 from sku.train.batch import StepBuilder, schedule
@@ -24,7 +25,7 @@ from sku.train.config import UnlearnConfig
 from sku.train.loop import NonFiniteLoss, train
 from sku.train.loss import TrainingModule
 from sku.train.methods import METHODS, Method
-from sku.train.model import load_model, master_dtype, resolve_dtype
+from sku.train.model import load_model, master_dtype
 from sku.train.teacher import TeacherMode, cache_teacher
 from taskvec import OutputDir
 
@@ -51,7 +52,7 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise SkuError(f"{name}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
+        raise cannot_load(name, "the tokenizer", e) from None
 
 
 def base_checkpoint(name: str, *, lora: bool) -> tuple[Path, torch.dtype]:
@@ -142,9 +143,7 @@ def _prepare_folder(run: RunFolder, config: UnlearnConfig, accelerator, *, resum
                                    f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
                 changed[key] = [saved[key], now[key]]
     elif out.exists() and any(out.iterdir()):
-        if not force:
-            raise SkuError(f"{out}: already exists (pass --resume to continue it, or --force "
-                           "to start over)")
+        refuse_existing(out, force, "pass --resume to continue it, or --force to start over")
         foreign = run.foreign_entries()
         if foreign:
             raise SkuError(f"{out}: not a sku run folder (it holds {foreign[0]}); "
