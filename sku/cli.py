@@ -33,12 +33,16 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _subcommand(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    return commands.add_parser(name, parents=[_common()], **kwargs)
+
+
 def _add_unlearn(commands) -> None:
     from sku.settings import add_flags
     from sku.train.config import REQUIRED, UnlearnConfig, recipe_names
 
-    p = commands.add_parser(
-        "unlearn", parents=[_common()],
+    p = _subcommand(
+        commands, "unlearn",
         help="run one unlearning method (SKU or a baseline) end to end",
         description="Stage 1 (training) and stage 2 (negation) of one method into one folder. "
                     "Settings: defaults < --config recipe < flags.")
@@ -50,8 +54,8 @@ def _add_unlearn(commands) -> None:
 
 
 def _add_demo(commands) -> None:
-    p = commands.add_parser(
-        "demo", parents=[_common()],
+    p = _subcommand(
+        commands, "demo",
         help="every method on a tiny model and bundled fictional data, in minutes on CPU")
     p.add_argument("--out", default="demo_out", help="demo folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="fewer steps: well under a minute")
@@ -64,8 +68,8 @@ def _add_eval(commands) -> None:
     from sku.evaluation.generate import Decoding
     from sku.settings import add_flags
 
-    p = commands.add_parser(
-        "eval", parents=[_common()],
+    p = _subcommand(
+        commands, "eval",
         help="generate, judge and score a run's evaluation prompts",
         description="Responses of the original and the unlearned model (and, with --steps all, "
                     "of every snapshot) to the run's unlearned-harmful, unseen-harmful and "
@@ -81,8 +85,8 @@ def _add_judge(commands) -> None:
     from sku.evaluation.evaluate import JUDGE_OPTIONS, EvalOptions
     from sku.settings import add_flags
 
-    p = commands.add_parser(
-        "judge", parents=[_common()],
+    p = _subcommand(
+        commands, "judge",
         help="judge {prompt, response} rows for harmfulness (paper Table 3)",
         description="One output row per input row, in order, with harmful, category (a–g) "
                     "and the judge's reason.")
@@ -95,8 +99,8 @@ def _add_judge(commands) -> None:
 
 
 def _add_report(commands) -> None:
-    p = commands.add_parser(
-        "report", parents=[_common()],
+    p = _subcommand(
+        commands, "report",
         help="Table 1 (markdown and JSON) and Figure 3 (PNG) from evaluations",
         description="Reads RUN/eval/metrics.json, EVAL/metrics.json or a metrics.json file.")
     p.add_argument("inputs", nargs="+", metavar="RUN_OR_EVAL",

@@ -36,6 +36,7 @@ from sku.evaluation.judges import (
     make_judge,
 )
 from sku.evaluation.metrics import CONDITIONING, DEFAULT_BLEURT, DEFAULT_PPL_MODEL
+from sku.log import progress
 from sku.run import HARMFUL_SPLITS, SPLITS, RunFolder, RunInfo, read_json, snapshot_kind
 from sku.settings import (
     BOOL,
@@ -186,7 +187,8 @@ def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOp
     with materialised(spec, work) as (folder, adapter):
         model, tokenizer = load_generator(folder, adapter, tokenizer_folder, options.dtype)
         prompts = [p for name in SPLITS for p in splits[name]]
-        flat = generate(model, tokenizer, prompts, options.decoding, desc=spec.label)
+        flat = generate(model, tokenizer, prompts, options.decoding,
+                        desc=f"generating {spec.label}")
         release(model)
     responses, start = {}, 0
     for name in SPLITS:
@@ -221,11 +223,10 @@ def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: 
     if reference is None:
         return {}
     conditioned = options.ppl_condition == "prompt"
-    return {label: {name: reference.perplexity(responses[name],
-                                               splits[name] if conditioned else None,
-                                               desc=f"perplexity {label} {name}")
+    return {label: {name: reference.perplexity(sets[label][name],
+                                               splits[name] if conditioned else None, desc=None)
                     for name in SPLITS}
-            for label, responses in sets.items()}
+            for label in progress(sets, desc="perplexity")}
 
 
 def _bleurt(sets: dict, options: EvalOptions, not_computed: dict) -> dict:

@@ -97,13 +97,15 @@ class ReferenceLM:
 
     @torch.no_grad()
     def perplexity(self, responses: Sequence[str], prompts: Sequence[str] | None = None,
-                   batch_size: int = 8, desc: str = "perplexity") -> Perplexity:
+                   batch_size: int = 8, desc: str | None = "perplexity") -> Perplexity:
+        """Perplexity of each response (after its templated prompt, when given); `desc`
+        names its progress bar, None shows none."""
         rows = list(self._rows(responses, prompts))
         nll = [0.0] * len(rows)
         counts = [max(0, len(ids) - first) for ids, first, _ in rows]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # less padding
         scored = [i for i in order if counts[i]]
-        for b in progress(range(0, len(scored), batch_size), desc=desc):
+        for b in progress(range(0, len(scored), batch_size), desc=desc, disable=desc is None):
             batch = scored[b:b + batch_size]
             width = max(len(rows[i][0]) for i in batch)
             input_ids = torch.zeros(len(batch), width, dtype=torch.long)
