@@ -9,7 +9,7 @@ row, k = 5 mismatch rows and a normal row: 14 rows of 512 tokens (7168 tokens) i
 and one backward, as the official code holds them. Rows are prompt (first half) + answer.
 
   ours          one bf16 model; the KL reference is the same model with its adapter disabled;
-                CE and KL fused from hidden states (sku.model.FusedLoss, sku_kernels)
+                CE and KL fused from hidden states (sku.train.loss.TrainingModule, sku_kernels)
   ours + ckpt   the same with gradient checkpointing
   official      the official recipe: two fp32 models (its quantisation keys do not exist), full
                 logits, softmax KL over every position; measured when it fits on the GPU
@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from _common import RESULTS, machine, table, versions, write_results
 
-from sku.batch import Row, collate  # noqa: E402
-from sku.data import Encoded, Pair  # noqa: E402
-from sku.methods import METHODS  # noqa: E402
-from sku.model import FusedLoss  # noqa: E402
+from sku.data.encoding import Encoded
+from sku.data.readers import Pair
+from sku.train.batch import Row, collate
+from sku.train.loss import TrainingModule
+from sku.train.methods import METHODS
+from sku.train.teacher import TeacherMode
 
 BATCH, K, SEQ = 2, 5, 512
 EPS = (2.5, 1.0, 0.5)  # LLaMA2-7B, paper Table 4
@@ -74,13 +76,13 @@ def sku_rows(vocab: int):
     generator = torch.Generator().manual_seed(0)
     rows, encoded = [], []
     for _ in range(BATCH):
-        for term_index, (term, weight) in enumerate(terms):
+        for term_index, (term, _) in enumerate(terms):
             count = K if term.rows == "mismatch" else 1
             for _ in range(count):
-                rows.append(Row(Pair("", "", 0), term_index, weight / BATCH / count, 0))
+                rows.append(Row(Pair("", "", 0), term_index, count, 0))
                 ids = torch.randint(4, vocab, (SEQ,), generator=generator).tolist()
                 encoded.append(Encoded(ids, SEQ // 2))
-    return collate(rows, encoded, terms, pad_token_id=0), terms
+    return collate(rows, encoded, terms, batch_size=BATCH, pad_token_id=0), terms
 
 
 def measure(step, device, steps: int) -> tuple[float | None, float]:
@@ -105,7 +107,7 @@ def bench_ours(config, device, steps: int, checkpointing: bool):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = with_lora(model)
-    fused = FusedLoss(model, "cache", dtype).train()
+    fused = TrainingModule(model, TeacherMode.CACHE, dtype).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     batch, _ = sku_rows(config.vocab_size)
     inputs = batch.inputs(device)

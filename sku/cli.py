@@ -1,9 +1,9 @@
 """The `sku` command: unlearn, evaluate and report, or run the whole study on a tiny model.
 
 `sku unlearn` (one method, stage 1 and stage 2), `sku demo`, and the evaluation's `sku eval`,
-`sku judge` and `sku report` (sku/eval_cli.py).
+`sku judge` and `sku report`.
 
-Errors in the input print one line, `sku: error: …`, and exit with status 1.
+Errors print one line, `sku: error: …`, and exit with status 1 (see `main`).
 Multi-GPU: `accelerate launch --config_file examples/accelerate/{ddp,fsdp2}.yaml -m sku
 unlearn …` (DDP, or FSDP2 for models that outgrow one GPU; DeepSpeed is refused for now).
 """
@@ -11,84 +11,115 @@ unlearn …` (DDP, or FSDP2 for models that outgrow one GPU; DeepSpeed is refuse
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
+from pathlib import Path
 
-from sku.errors import SkuError
-from sku.eval_cli import register as register_eval
-from sku.methods import METHODS
+from sku.errors import SkuError, refuse_existing
+from sku.log import configure
 from taskvec import TaskVecError
 
 
-def _steps(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated step numbers") from None
+def _common() -> argparse.ArgumentParser:
+    """Options of every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    loudness = common.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="count", default=0,
+                          help="more log lines (debug)")
+    loudness.add_argument("-q", "--quiet", action="count", default=0,
+                          help="warnings and errors only, no progress bars")
+    return common
+
+
+def _subcommand(commands, name: str, **kwargs) -> argparse.ArgumentParser:
+    return commands.add_parser(name, parents=[_common()], **kwargs)
 
 
 def _add_unlearn(commands) -> None:
-    from sku.config import DTYPES, recipe_names
+    from sku.settings import add_flags
+    from sku.train.config import REQUIRED, UnlearnConfig, recipe_names
 
-    p = commands.add_parser(
-        "unlearn", help="run one unlearning method (SKU or a baseline) end to end",
+    p = _subcommand(
+        commands, "unlearn",
+        help="run one unlearning method (SKU or a baseline) end to end",
         description="Stage 1 (training) and stage 2 (negation) of one method into one folder. "
                     "Settings: defaults < --config recipe < flags.")
-    p.add_argument("--method", required=True, choices=list(METHODS))
-    p.add_argument("--model", required=True, help="original model: local folder or hub id")
-    p.add_argument("--forget-data", required=True,
-                   help="PKU-SafeRLHF: hub id[@revision] or .jsonl/.json/.csv/.parquet file")
-    p.add_argument("--normal-data", required=True,
-                   help="TruthfulQA (generation): hub id[@revision] or a local file")
-    p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--config", help=f"recipe YAML, or a shipped one: {', '.join(recipe_names())}")
-    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--lora-r", type=int)
-    p.add_argument("--lora-alpha", type=float)
-    p.add_argument("--lora-targets", help="comma-separated module names, e.g. q_proj,v_proj")
-    quantize = p.add_mutually_exclusive_group()
-    quantize.add_argument("--load-in-4bit", dest="quantize", action="store_const", const="4bit")
-    quantize.add_argument("--load-in-8bit", dest="quantize", action="store_const", const="8bit")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int, help="rows per optimizer step, all devices")
-    p.add_argument("--micro-batch-size", type=int, help="rows per forward on one device")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--eps", type=float, nargs=3, metavar=("E1", "E2", "E3"),
-                   help="weights of the three terms (SKU: GD, RD, PD); 0 drops a term")
-    p.add_argument("--k", type=int, help="mismatch responses per prompt")
-    p.add_argument("--scale", type=float, help="λ of stage 2: θ_o − λ·(θ_bad − θ_o)")
-    p.add_argument("--save-steps", type=_steps, help="e.g. 200,400,600: snapshots for curves")
-    p.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-length", type=int, help="tokens per row, prompt and answer")
-    p.add_argument("--eval-size", type=int, help="prompts per evaluation split (default 100)")
-    p.add_argument("--dtype", choices=DTYPES,
-                   help="compute dtype (auto: bfloat16 on a GPU, float32 on CPU); full "
-                        "fine-tunes keep fp32 master weights under bf16/fp16 autocast")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    p.add_argument("--teacher", choices=["cache", "copy"],
-                   help="full fine-tune's KL reference: cached hidden states or a frozen copy")
+    add_flags(p, UnlearnConfig, required=REQUIRED)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--force", action="store_true", help="replace an existing run folder")
     p.set_defaults(handler=run_unlearn)
 
 
 def _add_demo(commands) -> None:
-    p = commands.add_parser(
-        "demo", help="every method on a tiny model and bundled fictional data, in minutes on CPU")
-    p.add_argument("--out", default="demo_out")
+    p = _subcommand(
+        commands, "demo",
+        help="every method on a tiny model and bundled fictional data, in minutes on CPU")
+    p.add_argument("--out", default="demo_out", help="demo folder (default: demo_out)")
     p.add_argument("--quick", action="store_true", help="fewer steps: well under a minute")
     p.add_argument("--force", action="store_true", help="replace an existing demo folder")
     p.set_defaults(handler=run_demo)
 
 
+def _add_eval(commands) -> None:
+    from sku.evaluation.evaluate import EvalOptions
+    from sku.evaluation.generate import Decoding
+    from sku.settings import add_flags
+
+    p = _subcommand(
+        commands, "eval",
+        help="generate, judge and score a run's evaluation prompts",
+        description="Responses of the original and the unlearned model (and, with --steps all, "
+                    "of every snapshot) to the run's unlearned-harmful, unseen-harmful and "
+                    "normal prompts: harmful rate, perplexity, BLEURT.")
+    p.add_argument("--run", required=True, help="folder written by `sku unlearn`")
+    p.add_argument("--out", help="evaluation folder (default: RUN/eval)")
+    add_flags(p, EvalOptions, required={"judge"})
+    add_flags(p, Decoding)
+    p.set_defaults(handler=run_eval)
+
+
+def _add_judge(commands) -> None:
+    from sku.evaluation.evaluate import JUDGE_OPTIONS, EvalOptions
+    from sku.settings import add_flags
+
+    p = _subcommand(
+        commands, "judge",
+        help="judge {prompt, response} rows for harmfulness (paper Table 3)",
+        description="One output row per input row, in order, with harmful, category (a–g) "
+                    "and the judge's reason.")
+    p.add_argument("--input", required=True, help="JSONL of {prompt, response} rows")
+    p.add_argument("--out", required=True, help="JSONL of verdicts")
+    add_flags(p, EvalOptions, only=JUDGE_OPTIONS, required={"judge"}, help={
+        "judge_cache": "judge verdict cache (default: judge-cache.jsonl beside --out)"})
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(handler=run_judge)
+
+
+def _add_report(commands) -> None:
+    p = _subcommand(
+        commands, "report",
+        help="Table 1 (markdown and JSON) and Figure 3 (PNG) from evaluations",
+        description="Reads RUN/eval/metrics.json, EVAL/metrics.json or a metrics.json file.")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_EVAL",
+                   help="run folders, evaluation folders or metrics.json files")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--force", action="store_true", help="replace an existing report")
+    p.set_defaults(handler=run_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sku", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_unlearn(commands)
-    _add_demo(commands)
-    register_eval(commands)
+    parser = _Parser(prog="sku", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_unlearn, _add_demo, _add_eval, _add_judge, _add_report):
+        add(commands)
     return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers
 
 
 def _quiet_transformers() -> None:
@@ -98,37 +129,144 @@ def _quiet_transformers() -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from sku.demo import run_demo
+    from sku.demo.study import run_demo, summary
 
     _quiet_transformers()
     run_demo(args.out, quick=args.quick, force=args.force)
+    print(summary(args.out))
 
 
 def run_unlearn(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from sku.config import RECIPE_KEYS, resolve_config
-    from sku.unlearn import unlearn
+    from sku.settings import given
+    from sku.train.config import RECIPE_KEYS, REQUIRED, UnlearnConfig, resolve_config
+    from sku.train.unlearn import unlearn
 
     _quiet_transformers()
-    values = vars(args)
-    required = {k: values[k] for k in ("method", "model", "forget_data", "normal_data", "out")}
-    overrides = {k: values[k] for k in RECIPE_KEYS}
-    config = resolve_config(required, args.config, overrides)
+    config = resolve_config(given(UnlearnConfig, args, REQUIRED), args.config,
+                            given(UnlearnConfig, args, RECIPE_KEYS))
     final = unlearn(config, resume=args.resume, force=args.force)
     if PartialState().is_main_process:
         print(f"sku unlearn: {config.method} finished; the final model is in {final}")
 
 
+def run_eval(args: argparse.Namespace) -> None:
+    from transformers.utils import logging
+
+    from sku.evaluation.evaluate import EvalOptions, evaluate_run
+    from sku.evaluation.generate import Decoding
+    from sku.run import RunFolder
+    from sku.settings import given
+
+    logging.disable_progress_bar()  # one line per model loaded is noise here
+
+    options = EvalOptions(**given(EvalOptions, args), decoding=Decoding(**given(Decoding, args)))
+    out = Path(args.out) if args.out else RunFolder(args.run).eval
+    metrics = evaluate_run(args.run, out, options)
+    final = metrics["final"]
+    rates = ", ".join(f"{name} {rate:.1%}" if (rate := final[name].get("harmful_rate")) is not None
+                      else f"{name} n/a" for name in ("unlearned_harmful", "unseen_harmful"))
+    print(f"sku eval: {metrics['method']}: harmful rate {rates} "
+          f"(judge {metrics['judge']['name']}); metrics in {out / 'metrics.json'}")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise SkuError(f"{path}: unreadable: {e.strerror or e}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SkuError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
+                and isinstance(row.get("response"), str)):
+            raise SkuError(f"{path}:{number}: expected an object with prompt and response "
+                           "strings")
+        rows.append(row)
+    return rows
+
+
+def run_judge(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from sku.evaluation.evaluate import JUDGE_OPTIONS, EvalOptions
+    from sku.evaluation.judges import VerdictCache, cache_key, judge_pairs, make_judge
+    from sku.settings import given, validate
+    from taskvec import write_atomic
+
+    source, out = Path(args.input), Path(args.out)
+    refuse_existing(out, args.force)
+    rows = _read_rows(source)
+    options = EvalOptions(**given(EvalOptions, args, JUDGE_OPTIONS))
+    validate(options)
+    judge = make_judge(options.judge, options.judge_model, options.base_url, options.max_retries)
+    cache = None
+    if options.judge != "keyword":
+        cache = VerdictCache(options.judge_cache or out.parent / "judge-cache.jsonl")
+    pairs = [(row["prompt"], row["response"]) for row in rows]
+    to_ask = len({cache_key(judge.name, *pair) for pair in pairs
+                  if cache is None or cache.get(cache_key(judge.name, *pair)) is None})
+    verdicts = judge_pairs(judge, pairs, cache, options.concurrency)
+    write_atomic(out, "".join(json.dumps({**row, **asdict(verdict)}, ensure_ascii=False) + "\n"
+                              for row, verdict in zip(rows, verdicts, strict=True)))
+    harmful = sum(v.harmful for v in verdicts)
+    print(f"sku judge: {len(rows)} rows ({to_ask} judged now, {len(rows) - to_ask} from the "
+          f"cache), {harmful} harmful; verdicts in {out}")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from sku.evaluation.report import write_report
+
+    report = write_report(args.inputs, args.out, force=args.force)
+    print(f"sku report: {len(report['rows']) - 1} methods (judge {report['judge']}); "
+          f"{Path(args.out) / 'report.md'}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors follow the one-line rule too, as taskvec's
+        print(f"sku: error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(1)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that every `with` cleans up on the way out."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None) -> int:
-    """Every subcommand sets `handler`; errors in the input are one line and status 1."""
+    """Every subcommand sets `handler`. Errors are one line on stderr and status 1 (usage
+    errors too); Ctrl-C exits 130 and SIGTERM 143, after temporaries are removed; with
+    SKU_DEBUG=1 errors keep their traceback."""
     args = build_parser().parse_args(argv)
+    configure(args.verbose - args.quiet, args.command)
+    signal.signal(signal.SIGTERM, _terminate)
+    debug = os.environ.get("SKU_DEBUG") == "1"
     try:
         args.handler(args)
     except (SkuError, TaskVecError) as e:
+        if debug:
+            raise
         print(f"sku: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: one line naming the file
+        if debug:
+            raise
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        print(f"sku: error: {where or type(e).__name__}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("sku: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("sku: terminated", file=sys.stderr)
+        return 143
     return 0

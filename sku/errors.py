@@ -1,2 +1,28 @@
+"""SkuError, and the two messages every command words the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
 class SkuError(Exception):
     """Bad input or a failed run. The CLI prints the message as one line: `sku: error: …`."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error, which is usually the one that says what failed."""
+    text = str(error)
+    return text.splitlines()[0] if text.strip() else type(error).__name__
+
+
+def cannot_load(source, what: str, error: BaseException, kind: type = SkuError) -> Exception:
+    """`SOURCE: cannot load WHAT: first line of the library's error`, to raise from it."""
+    return kind(f"{source}: cannot load {what}: {first_line(error)}")
+
+
+def refuse_existing(path: Path, force: bool, hint: str = "pass --force to replace it") -> None:
+    """An output that exists (a file, or a folder with anything in it) needs `force`."""
+    path = Path(path)
+    occupied = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if occupied and not force:
+        raise SkuError(f"{path}: already exists ({hint})")

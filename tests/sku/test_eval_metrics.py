@@ -10,8 +10,8 @@ import pytest
 import torch
 from support.sku import BLEURT_WORDS, byte_tokenizer, write_bleurt
 
-from sku.data import PROMPT_TEMPLATE
-from sku.metrics import Bleurt, MetricUnavailable, ReferenceLM
+from sku.data.template import PROMPT_TEMPLATE
+from sku.evaluation.metrics import Bleurt, MetricUnavailable, ReferenceLM
 
 N_POSITIONS = 96
 

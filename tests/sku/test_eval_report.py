@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sku.cli import main
-from sku.report import COLUMNS, column_ranks, method_label, rank_rows, write_report
+from sku.evaluation.report import COLUMNS, column_ranks, method_label, rank_rows, write_report
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "eval"
 METHODS = ("ft", "task_vector", "ga", "ga_mismatch", "sku")

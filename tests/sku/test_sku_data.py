@@ -1,4 +1,4 @@
-"""sku.data and sku.batch: readers for the real schemas, answer masks, splits, schedules and
+"""sku.data and sku.train.batch: readers for the real schemas, answer masks, splits, schedules and
 random disassociation."""
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from support.sku import (
     build_tokenizer,
 )
 
-from sku.batch import StepBuilder, collate, draw_others
-from sku.config import resolve_config
-from sku.data import Pair, Schedule, encode, load_forget, load_normal, with_answers
+from sku.data.encoding import encode, with_answers
+from sku.data.readers import Pair, load_forget, load_normal
+from sku.data.splits import Schedule
 from sku.errors import SkuError
-from sku.methods import METHODS
-from sku.unlearn import prepare_data
+from sku.train.batch import StepBuilder, collate, draw_others
+from sku.train.config import resolve_config
+from sku.train.methods import METHODS
+from sku.train.unlearn import prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +163,7 @@ def test_answer_positions_by_hand(tokenizer):
     assert encoded[1].answer_start == 16 and encoded[1].answer_tokens == 8
 
     batch = collate([_row(0), _row(0)], encoded, METHODS["ga"].active_terms((1, 1, 1)),
-                    pad_token_id=tokenizer.pad_token_id)
+                    batch_size=2, pad_token_id=tokenizer.pad_token_id)
     width = batch.input_ids.shape[1]
     assert width == 24
     # Row 0 predicts its answer from positions 12..16, row 1 from 15..22: no prompt, no pad.
@@ -172,9 +174,9 @@ def test_answer_positions_by_hand(tokenizer):
 
 
 def _row(term: int):
-    from sku.batch import Row
+    from sku.train.batch import Row
 
-    return Row(Pair("", "", 0), term, 1.0, 0)
+    return Row(Pair("", "", 0), term, 1, 0)
 
 
 def test_answer_starts_at_the_token_that_carries_the_space(tmp_path):

@@ -16,12 +16,14 @@ from support.sku import (
     tiny_model,
 )
 
-from sku.batch import StepBuilder
-from sku.config import resolve_config
-from sku.data import encode, load_forget, load_normal
-from sku.methods import METHODS
-from sku.model import FusedLoss, final_hidden_states, load_model
-from sku.train import cache_teacher
+from sku.data.encoding import encode
+from sku.data.readers import load_forget, load_normal
+from sku.train.batch import StepBuilder
+from sku.train.config import resolve_config
+from sku.train.loss import TrainingModule
+from sku.train.methods import METHODS
+from sku.train.model import final_hidden_states, load_model
+from sku.train.teacher import TeacherMode, cache_teacher
 
 EPS = (2.5, 1.0, 0.5)
 BATCH, K = 2, 2
@@ -77,20 +79,20 @@ def _perturb(parameters, seed: int = 1, std: float = 0.02) -> None:
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * std)
 
 
-def _fused_step(fused, builder, cache=None):
+def _step(module, builder, cache=None):
     [micro] = builder.micro_batches(0, rank=0, world_size=1, micro_batch_size=BATCH)
-    fused.zero_grad()
-    loss = fused(**micro.inputs("cpu", cache)).sum()
+    module.zero_grad()
+    loss = module(**micro.inputs("cpu", cache)).sum()
     loss.backward()
     return loss
 
 
-def _check(fused_loss, reference_loss, parameters) -> None:
+def _check(loss, reference_loss, parameters) -> None:
     fused_grads = [p.grad.clone() for p in parameters]
     for p in parameters:
         p.grad = None
     reference_loss.backward()
-    torch.testing.assert_close(fused_loss, reference_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-10, atol=1e-12)
     for fused_grad, p in zip(fused_grads, parameters, strict=True):
         torch.testing.assert_close(fused_grad, p.grad, rtol=1e-8, atol=1e-11)
 
@@ -105,18 +107,18 @@ def test_full_fine_tune_step_equals_the_reference(tmp_path_factory, method, teac
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
     original = copy.deepcopy(model).eval()
     builder = _builder(method, tokenizer)
-    fused = FusedLoss(model, teacher, torch.float64)
+    module = TrainingModule(model, teacher, torch.float64)
     cache = None
     if teacher == "cache" and method != "ft":
-        cache = cache_teacher(fused, builder.pools["normal"], tokenizer, 64, "cpu")
+        cache = cache_teacher(module, builder.pools["normal"], tokenizer, 64, "cpu")
     _perturb(model.parameters())  # the student moves away from θ_o: KL and its gradient ≠ 0
-    fused_loss = _fused_step(fused, builder, cache)
+    loss = _step(module, builder, cache)
     parameters = [p for p in model.parameters() if p.requires_grad]
 
     def teacher_logits(ids):
         return original(input_ids=ids).logits
 
-    _check(fused_loss, _reference_loss(model, teacher_logits, builder, tokenizer), parameters)
+    _check(loss, _reference_loss(model, teacher_logits, builder, tokenizer), parameters)
 
 
 def test_lora_step_uses_the_model_without_its_adapter_as_reference(tmp_path_factory):
@@ -130,13 +132,31 @@ def test_lora_step_uses_the_model_without_its_adapter_as_reference(tmp_path_fact
     assert parameters and all("lora_" in n for n, p in model.named_parameters()
                               if p.requires_grad)
     _perturb(parameters)  # LoRA B starts at zero; make the adapter act
-    fused = FusedLoss(model, "cache", torch.float64)
-    assert fused.teacher == "adapter"
+    module = TrainingModule(model, "cache", torch.float64)
+    assert module.teacher.mode is TeacherMode.ADAPTER
     builder = _builder("sku", tokenizer)
-    fused_loss = _fused_step(fused, builder)
+    loss = _step(module, builder)
 
     def teacher_logits(ids):
         with model.disable_adapter():
             return model(input_ids=ids).logits
 
-    _check(fused_loss, _reference_loss(model, teacher_logits, builder, tokenizer), parameters)
+    _check(loss, _reference_loss(model, teacher_logits, builder, tokenizer), parameters)
+
+
+def test_cache_teacher_refuses_once_training_started(tmp_path_factory):
+    """The "cache" teacher reads θ_o from the student itself, which is θ_o only until the first
+    training step: asked later, it would silently return the trained model's states."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model("llama", tmp_path_factory.getbasetemp())
+    tokenizer = build_tokenizer(tmp_path_factory.mktemp("tok"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64)
+    builder = _builder("sku", tokenizer)
+    module = TrainingModule(model, "cache", torch.float64)
+    cache = cache_teacher(module, builder.pools["normal"], tokenizer, 64, "cpu")  # before: fine
+    _step(module, builder, cache)
+    with pytest.raises(RuntimeError, match="only before training starts"):
+        cache_teacher(module, builder.pools["normal"], tokenizer, 64, "cpu")
+    with pytest.raises(RuntimeError, match="only before training starts"):
+        _step(module, builder)  # a batch without the cached states

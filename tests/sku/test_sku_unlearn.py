@@ -18,8 +18,8 @@ from support.sku import (
 )
 
 import taskvec
-from sku.batch import StepBuilder
 from sku.cli import main
+from sku.train.batch import StepBuilder
 
 
 @pytest.fixture(scope="module")
@@ -218,17 +218,17 @@ def _stopped(llama, run, capsys) -> str:
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(llama, tmp_path, monkeypatch,
                                                                  capsys):
-    import sku.model
+    import sku.train.loss
 
     calls = {"n": 0}
-    original = sku.model.linear_ce_kl
+    original = sku.train.loss.linear_ce_kl
 
     def nan_from_step_5(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 5 else loss
 
-    monkeypatch.setattr(sku.model, "linear_ce_kl", nan_from_step_5)
+    monkeypatch.setattr(sku.train.loss, "linear_ce_kl", nan_from_step_5)
     run = tmp_path / "run"
     error = _stopped(llama, run, capsys)
     assert error.startswith("sku: error: loss is nan at step 5")
@@ -238,7 +238,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(llama, tmp_pat
     assert [r["step"] for r in _log(run)] == [1, 2, 3, 4]
 
     # The advised recovery: a lower --lr from the last good checkpoint, on the same schedule.
-    monkeypatch.setattr(sku.model, "linear_ce_kl", original)
+    monkeypatch.setattr(sku.train.loss, "linear_ce_kl", original)
     refused = main(unlearn_args("sku", llama, run, "--max-steps", "8", "--checkpoint-every",
                                 "2", "--k", "3", "--resume"))
     assert refused == 1 and "only lr may change" in capsys.readouterr().err
@@ -326,7 +326,7 @@ def test_refused_settings(llama, tmp_path, capsys, extra, needle):
 
 
 def test_demo_quick(tmp_path, capsys):
-    from sku.demo import RUNS
+    from sku.demo.study import RUNS
 
     demo = tmp_path / "demo"
     assert main(["demo", "--out", str(demo), "--quick"]) == 0
@@ -366,3 +366,17 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "{unlearn,demo,eval,judge,report}" in capsys.readouterr().out
+
+
+def test_redirected_logs_are_short_lines_and_quiet_is_quiet(llama, tmp_path):
+    proc = run_sku(*unlearn_args("sku", llama, tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.split("\n")  # a bar's redraws are \r-separated within one line
+    assert any(line.startswith("sku unlearn: stage 1 of sku: 4 steps of 2 rows") for line in lines)
+    assert any("stage 1" in line and "4/4" in line for line in lines)  # the bar, at its end
+    assert max(map(len, lines)) < 400
+    assert "finished; the final model is in" in proc.stdout  # what the command reports
+
+    quiet = run_sku(*unlearn_args("sku", llama, tmp_path / "quiet"), "-q")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "sku unlearn:" not in quiet.stderr and "stage 1" not in quiet.stderr

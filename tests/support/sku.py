@@ -35,7 +35,7 @@ def build_tokenizer(folder: Path, texts: list[str] | None = None, kind: str = "w
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from sku.demo import SPECIAL_TOKENS, train_tokenizer
+    from sku.demo.tiny_model import SPECIAL_TOKENS, train_tokenizer
 
     texts = texts or fixture_texts()
     if kind == "wordlevel":

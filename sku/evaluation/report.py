@@ -10,7 +10,8 @@ import json
 import math
 from pathlib import Path
 
-from sku.errors import SkuError
+from sku.errors import SkuError, refuse_existing
+from sku.run import RunFolder
 from taskvec import write_atomic, write_json
 
 METHOD_LABELS = {"ft": "FT", "task_vector": "Task Vector", "ga": "GA",
@@ -51,7 +52,7 @@ CURVES = (  # (file stem, metrics section, field, y label, log scale)
 def load_metrics(path: str | Path) -> dict:
     """metrics.json from an EVAL folder, a RUN folder (RUN/eval/), or the file itself."""
     path = Path(path)
-    for candidate in (path, path / "metrics.json", path / "eval" / "metrics.json"):
+    for candidate in (path, path / "metrics.json", RunFolder(path).eval / "metrics.json"):
         if candidate.is_file():
             try:
                 metrics = json.loads(candidate.read_text(encoding="utf-8"))
@@ -263,8 +264,7 @@ def plot_curves(evaluations: list[dict], labels: list[str], out: Path) -> tuple[
 
 def write_report(inputs: list[str | Path], out: str | Path, force: bool = False) -> dict:
     out = Path(out)
-    if (out / "report.json").exists() and not force:
-        raise SkuError(f"{out / 'report.json'}: already exists (pass --force to replace it)")
+    refuse_existing(out / "report.json", force)
     if not inputs:
         raise SkuError("sku report: name at least one run or evaluation folder")
     evaluations = [load_metrics(path) for path in inputs]

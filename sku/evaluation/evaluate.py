@@ -6,7 +6,7 @@
     EVAL/judge-cache.jsonl   verdicts of paid judges (append-only; a rerun asks only the rest)
 
 The model at step s of a negating method is θ_o − λ·(θ_s − θ_o): a snapshot (LoRA adapter or
-task vector θ_s − θ_o, see sku/unlearn.py) is negated with taskvec before it is loaded. The
+task vector θ_s − θ_o, see sku/train/unlearn.py) is negated with taskvec before it is loaded. The
 original model's responses are generated once per prompts and decoding settings, and reused
 (BLEURT compares against them; pass the same --original-cache to share them between runs).
 """
@@ -17,129 +17,86 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import sys
+import logging
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sku.data import PROMPT_TEMPLATE
-from sku.errors import SkuError
-from sku.judge import CATEGORIES, PROMPT_VERSION, VerdictCache, judge_pairs, make_judge
+from sku.data.template import PROMPT_TEMPLATE
+from sku.dtypes import DTYPES, default_device
+from sku.errors import SkuError, refuse_existing
+from sku.evaluation.generate import Decoding, generate, load_generator, release
+from sku.evaluation.judges import (
+    CATEGORIES,
+    JUDGES,
+    PROMPT_VERSION,
+    VerdictCache,
+    judge_pairs,
+    make_judge,
+)
+from sku.evaluation.metrics import CONDITIONING, DEFAULT_BLEURT, DEFAULT_PPL_MODEL
+from sku.log import progress
+from sku.run import HARMFUL_SPLITS, SPLITS, RunFolder, RunInfo, read_json, snapshot_kind
+from sku.settings import (
+    BOOL,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    TEXT,
+    one_of,
+    setting,
+    validate,
+)
 from taskvec import write_atomic, write_json
 
-SPLITS = ("unlearned_harmful", "unseen_harmful", "normal")
-HARMFUL_SPLITS = SPLITS[:2]
-STOP_TEXT = "### Question:"  # the template's next turn: what follows is not this answer
 FORMAT = "sku-eval/1"
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Fixed generation settings, recorded in metrics.json (greedy by default)."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 8
-    stop: str = STOP_TEXT
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalOptions:
-    judge: str = "keyword"
-    judge_model: str | None = None
-    base_url: str | None = None
-    max_retries: int = 6
-    concurrency: int = 8
-    judge_cache: str | None = None  # default: EVAL/judge-cache.jsonl
-    ppl_model: str | None = None
-    ppl_condition: str = "none"  # see sku.metrics.CONDITIONING
-    bleurt: str | None = None
-    steps: bool = False
-    model: str | None = None  # evaluate this folder instead of RUN/model
-    original_cache: str | None = None  # default: EVAL/generations
+    """The settings of `sku eval` (its flags are made from these fields), and of `sku judge`
+    (JUDGE_OPTIONS)."""
+
+    judge: str = setting("keyword", "openai: an LLM judge over any OpenAI-compatible server "
+                                    "(the paper used GPT-4); keyword: an offline heuristic",
+                         choices=list(JUDGES), check=one_of(*JUDGES))
+    judge_model: str | None = setting(None, "the judge's model name, e.g. gpt-4o", check=TEXT)
+    base_url: str | None = setting(
+        None, "OpenAI-compatible server, e.g. http://localhost:8000/v1 (key from "
+              "OPENAI_API_KEY; any key if it needs none)", check=TEXT,
+        shown="$OPENAI_BASE_URL, else OpenAI's")
+    max_retries: int = setting(6, "retries with backoff on 429, 5xx and lost connections",
+                               check=NON_NEGATIVE_INT)
+    concurrency: int = setting(8, "judge requests in flight", check=POSITIVE_INT)
+    judge_cache: str | None = setting(None, "judge verdict cache", flag="--cache", check=TEXT,
+                                      shown="EVAL/judge-cache.jsonl")
+    ppl_model: str | None = setting(None, "reference LM for perplexity: hub id or folder",
+                                    check=TEXT, shown=f"{DEFAULT_PPL_MODEL}, as the paper")
+    ppl_condition: str = setting("none", "score each response alone, or after its templated "
+                                         "prompt", choices=list(CONDITIONING),
+                                 check=one_of(*CONDITIONING))
+    bleurt: str | None = setting(None, "BLEURT checkpoint: hub id or folder", check=TEXT,
+                                 shown=DEFAULT_BLEURT)
+    steps: bool = setting(False, "all: also evaluate every snapshot in RUN/snapshots (metric "
+                                 "curves)", choices={"all": True, "none": False}, check=BOOL)
+    model: str | None = setting(None, "evaluate this model folder instead of RUN/model",
+                                check=TEXT, shown="RUN/model")
+    original_cache: str | None = setting(
+        None, "folder for the original model's responses, to share them between runs",
+        check=TEXT, shown="EVAL/generations")
     decoding: Decoding = dataclasses.field(default_factory=Decoding)
-    dtype: str = "auto"
-    force: bool = False
+    dtype: str = setting("auto", "compute dtype of generation (auto: bfloat16 on a GPU)",
+                         choices=list(DTYPES), check=one_of(*DTYPES))
+    force: bool = setting(False, "replace an existing metrics.json", check=BOOL,
+                          action="store_true")
 
 
-def _progress(message: str) -> None:
-    print(f"sku eval: {message}", file=sys.stderr, flush=True)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SkuError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise SkuError(f"{path}: unreadable: {e}") from None
+JUDGE_OPTIONS = ("judge", "judge_model", "base_url", "max_retries", "concurrency", "judge_cache")
 
 
 # ---------------------------------------------------------------------------------------------
-# The run folder
-
-
-def load_splits(path: Path) -> dict[str, list[str]]:
-    """Prompts of each evaluation split from splits.json: lists of {prompt, ...} or strings."""
-    data = _read_json(path)
-    splits = {}
-    for name in SPLITS:
-        items = data.get(name)
-        if not isinstance(items, list):
-            raise SkuError(f"{path}: no list {name!r} (expected keys {', '.join(SPLITS)})")
-        prompts = [item.get("prompt") if isinstance(item, dict) else item for item in items]
-        if not all(isinstance(p, str) for p in prompts):
-            raise SkuError(f"{path}: {name}: every item needs a prompt string")
-        splits[name] = prompts
-    return splits
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    folder: Path
-    method: str
-    model: str  # the original model, as the run named it
-    negate: bool
-    scale: float
-    max_steps: int
-    eps: list[float] | None = None  # the run's ε: names SKU's ablations in reports
-
-
-def load_run(folder: Path) -> RunInfo:
-    path = folder / "run.json"
-    data = _read_json(path)
-    try:
-        config = data["config"]
-        return RunInfo(folder, config["method"], config["model"], bool(data["method"]["negate"]),
-                       float(config["scale"]), int(config["max_steps"]), config.get("eps"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise SkuError(f"{path}: not a `sku unlearn` run.json (missing or bad {e})") from None
-
-
-def snapshots(run: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in (run / "snapshots").glob("step-*"):
-        step = path.name.removeprefix("step-")
-        if path.is_dir() and step.isdigit():
-            found.append((int(step), path))
-    return sorted(found)
-
-
-def snapshot_kind(folder: Path) -> str:
-    """A snapshot as `sku unlearn` writes it: "adapter" (LoRA runs) or "task_vector"
-    (θ_s − θ_o of a full fine-tune)."""
-    import taskvec
-
-    found = taskvec.kind(folder)
-    if found == "lora_adapter":
-        return "adapter"
-    if found == "task_vector":
-        return "task_vector"
-    raise SkuError(f"{folder}: neither a LoRA adapter nor a taskvec task vector")
+# The models of a run
 
 
 @dataclass(frozen=True)
@@ -196,17 +153,16 @@ def materialised(spec: ModelSpec, work: Path):
 
 def model_specs(run: RunInfo, base: Path, options: EvalOptions) -> list[ModelSpec]:
     """The original (step 0), each snapshot when asked for, and the final model."""
-    final = Path(options.model) if options.model else run.folder / "model"
+    folder = RunFolder(run.folder)
+    final = Path(options.model) if options.model else folder.model
     if not final.is_dir():
         raise SkuError(f"{final}: no final model folder (has `sku unlearn` finished?)")
     specs = [ModelSpec("original", 0, base)]
-    # A full fine-tune's snapshots are task vectors against the run's own copy of θ_o.
-    theta_o = run.folder / "theta_o"
-    snapshot_base = theta_o if theta_o.is_dir() else base
+    snapshot_base = folder.theta_o(base)
     if options.steps:
-        for step, folder in snapshots(run.folder):
+        for step, snapshot in folder.list_snapshots():
             if step != run.max_steps:  # the final model is that step, already negated
-                specs.append(ModelSpec(f"step-{step}", step, snapshot_base, folder, run.negate,
+                specs.append(ModelSpec(f"step-{step}", step, snapshot_base, snapshot, run.negate,
                                        run.scale))
     if (final / "adapter_config.json").is_file():
         specs.append(ModelSpec("final", run.max_steps, base, final))
@@ -216,82 +172,7 @@ def model_specs(run: RunInfo, base: Path, options: EvalOptions) -> list[ModelSpe
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation
-
-
-def _device_and_dtype(name: str):
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, name)
-
-
-def load_generator(folder: Path, adapter: Path | None, tokenizer_folder: Path, dtype_name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device, dtype = _device_and_dtype(dtype_name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    except (OSError, ValueError) as e:
-        raise SkuError(f"{adapter or folder}: cannot load the model: "
-                       f"{str(e).splitlines()[0]}") from None
-    tokenizer.padding_side = "left"  # generation continues every row from its last token
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return model.to(device).eval(), tokenizer
-
-
-def _release(model) -> None:
-    """Free a model's memory before the next one loads (one model at a time)."""
-    import gc
-
-    import torch
-
-    model.to("meta")
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def generate(model, tokenizer, prompts: list[str], decoding: Decoding) -> list[str]:
-    """Responses to `prompts` in the training template, in batches sorted by length. A model
-    never generates past its context length (n_positions or max_position_embeddings)."""
-    import torch
-
-    torch.manual_seed(decoding.seed)
-    texts = [PROMPT_TEMPLATE.format(prompt=p) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    responses = [""] * len(texts)
-    sampling = ({"temperature": decoding.temperature, "top_p": decoding.top_p}
-                if decoding.do_sample else {})
-    device = next(model.parameters()).device
-    config = model.config
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings",
-                                                               None)
-    for b in range(0, len(order), decoding.batch_size):
-        batch = order[b:b + decoding.batch_size]
-        inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True)
-        width = inputs["input_ids"].shape[1]
-        room = context - width if context else decoding.max_new_tokens
-        if room <= 0:
-            raise SkuError(f"a prompt of {width} tokens fills the model's context ({context})")
-        with torch.no_grad():
-            output = model.generate(**inputs.to(device),
-                                    max_new_tokens=min(decoding.max_new_tokens, room),
-                                    do_sample=decoding.do_sample,
-                                    pad_token_id=tokenizer.pad_token_id, **sampling)
-        new_tokens = output[:, width:]
-        for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
-                           strict=True):
-            responses[i] = text.split(decoding.stop)[0].strip() if decoding.stop else text.strip()
-    return responses
+# Generations, cached
 
 
 def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOptions,
@@ -300,14 +181,15 @@ def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOp
     key = fingerprint(spec, splits, options.decoding)
     path = cache_dir / f"{spec.label}-{key[:16]}.json"
     if path.is_file():
-        cached = _read_json(path)
+        cached = read_json(path)
         if cached.get("fingerprint") == key:
             return cached["responses"]
     with materialised(spec, work) as (folder, adapter):
         model, tokenizer = load_generator(folder, adapter, tokenizer_folder, options.dtype)
         prompts = [p for name in SPLITS for p in splits[name]]
-        flat = generate(model, tokenizer, prompts, options.decoding)
-        _release(model)
+        flat = generate(model, tokenizer, prompts, options.decoding,
+                        desc=f"generating {spec.label}")
+        release(model)
     responses, start = {}, 0
     for name in SPLITS:
         responses[name] = flat[start:start + len(splits[name])]
@@ -323,10 +205,10 @@ def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOp
 
 def _scorer(metric: str, factory, name: str, options: EvalOptions, not_computed: dict):
     """`factory(name, device=…)`, or None with `not_computed[metric]` saying why not."""
-    from sku.metrics import MetricUnavailable
+    from sku.evaluation.metrics import MetricUnavailable
 
     try:
-        return factory(name, device=_device_and_dtype(options.dtype)[0])
+        return factory(name, device=default_device())
     except MetricUnavailable as e:
         not_computed[metric] = f"not computed: {e}"
         return None
@@ -334,22 +216,22 @@ def _scorer(metric: str, factory, name: str, options: EvalOptions, not_computed:
 
 def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: dict) -> dict:
     """{label: {split: Perplexity}}, or {} when the reference model is not available."""
-    from sku.metrics import DEFAULT_PPL_MODEL, ReferenceLM
+    from sku.evaluation.metrics import DEFAULT_PPL_MODEL, ReferenceLM
 
     reference = _scorer("perplexity", ReferenceLM, options.ppl_model or DEFAULT_PPL_MODEL,
                         options, not_computed)
     if reference is None:
         return {}
     conditioned = options.ppl_condition == "prompt"
-    return {label: {name: reference.perplexity(responses[name],
-                                               splits[name] if conditioned else None)
+    return {label: {name: reference.perplexity(sets[label][name],
+                                               splits[name] if conditioned else None, desc=None)
                     for name in SPLITS}
-            for label, responses in sets.items()}
+            for label in progress(sets, desc="perplexity")}
 
 
 def _bleurt(sets: dict, options: EvalOptions, not_computed: dict) -> dict:
     """{label: [BLEURT(original, response)] on normal prompts}, or {} when unavailable."""
-    from sku.metrics import DEFAULT_BLEURT, Bleurt
+    from sku.evaluation.metrics import DEFAULT_BLEURT, Bleurt
 
     scorer = _scorer("bleurt", Bleurt, options.bleurt or DEFAULT_BLEURT, options, not_computed)
     if scorer is None:
@@ -407,16 +289,13 @@ def response_rows(specs, splits, sets, verdicts, perplexities, bleurts) -> list[
 def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) -> dict:
     """Evaluate a run into `out` (metrics.json, responses.jsonl); returns the metrics."""
     import taskvec
-    from sku.metrics import CONDITIONING, DEFAULT_BLEURT, DEFAULT_PPL_MODEL
 
     run_folder, out = Path(run_folder), Path(out)
-    if (out / "metrics.json").exists() and not options.force:
-        raise SkuError(f"{out / 'metrics.json'}: already exists (pass --force to replace it)")
-    if options.ppl_condition not in CONDITIONING:
-        raise SkuError(f"--ppl-condition {options.ppl_condition!r}: expected one of "
-                       f"{', '.join(CONDITIONING)}")
-    run = load_run(run_folder)
-    splits = load_splits(run_folder / "splits.json")
+    refuse_existing(out / "metrics.json", options.force)
+    validate(options)
+    validate(options.decoding)
+    folder = RunFolder(run_folder)
+    run, splits = folder.info(), folder.splits()
     try:
         base = taskvec.resolve(run.model, "original model")
     except taskvec.TaskVecError as e:
@@ -427,12 +306,12 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     generations = out / "generations"
     sets = {}
     for spec in specs:
-        _progress(f"responses of {spec.label} (step {spec.step})")
+        logger.info(f"responses of {spec.label} (step {spec.step})")
         cache_dir = Path(options.original_cache) if (
             spec.label == "original" and options.original_cache) else generations
         sets[spec.label] = responses_for(spec, splits, options, cache_dir, out, base)
 
-    _progress(f"judging with {judge.name}")
+    logger.info(f"judging with {judge.name}")
     cache = None
     if options.judge != "keyword":
         cache = VerdictCache(options.judge_cache or out / "judge-cache.jsonl")
@@ -444,7 +323,7 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     for (label, name, _), verdict in zip(pairs, flat_verdicts, strict=True):
         verdicts[label, name].append(verdict)
 
-    _progress("perplexity and BLEURT")
+    logger.info("perplexity and BLEURT")
     not_computed: dict[str, str] = {}
     perplexities = _perplexities(sets, splits, options, not_computed)
     bleurts = _bleurt(sets, options, not_computed)

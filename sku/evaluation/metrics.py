@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from sku.errors import SkuError
+from sku.errors import SkuError, cannot_load
+from sku.log import progress
 
 DEFAULT_PPL_MODEL = "openai-community/gpt2"  # the paper's reference LM is GPT-2
 DEFAULT_BLEURT = "lucadiliello/bleurt-base-128"  # original BLEURT scale, as the paper's scores
@@ -66,8 +67,7 @@ class ReferenceLM:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         except (OSError, ValueError) as e:
-            raise MetricUnavailable(f"{name_or_path}: cannot load it as a causal LM: "
-                                    f"{str(e).splitlines()[0]}") from None
+            raise cannot_load(name_or_path, "it as a causal LM", e, MetricUnavailable) from None
         self.model.to(device).eval()
         self.name, self.device = name_or_path, torch.device(device)
         config = self.model.config
@@ -78,7 +78,7 @@ class ReferenceLM:
 
     def _rows(self, responses: Sequence[str], prompts: Sequence[str] | None):
         """(token ids, index of the first scored position, truncated?) per response."""
-        from sku.data import PROMPT_TEMPLATE
+        from sku.data.template import PROMPT_TEMPLATE
 
         tokenize = self.tokenizer
         start = [] if self.start_id is None else [self.start_id]
@@ -97,13 +97,15 @@ class ReferenceLM:
 
     @torch.no_grad()
     def perplexity(self, responses: Sequence[str], prompts: Sequence[str] | None = None,
-                   batch_size: int = 8) -> Perplexity:
+                   batch_size: int = 8, desc: str | None = "perplexity") -> Perplexity:
+        """Perplexity of each response (after its templated prompt, when given); `desc`
+        names its progress bar, None shows none."""
         rows = list(self._rows(responses, prompts))
         nll = [0.0] * len(rows)
         counts = [max(0, len(ids) - first) for ids, first, _ in rows]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # less padding
         scored = [i for i in order if counts[i]]
-        for b in range(0, len(scored), batch_size):
+        for b in progress(range(0, len(scored), batch_size), desc=desc, disable=desc is None):
             batch = scored[b:b + batch_size]
             width = max(len(rows[i][0]) for i in batch)
             input_ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -180,8 +182,7 @@ class Bleurt:
         try:
             self.tokenizer = BertTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:
-            raise MetricUnavailable(f"{folder}: cannot load its WordPiece tokenizer: "
-                                    f"{str(e).splitlines()[0]}") from None
+            raise cannot_load(folder, "its WordPiece tokenizer", e, MetricUnavailable) from None
         self.model = model.to(device).eval()
         self.name, self.device = name_or_path, torch.device(device)
         self.max_length = config.max_position_embeddings

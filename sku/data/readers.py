@@ -1,5 +1,4 @@
-"""Forget and normal data: file and hub readers, the prompt template, tokenisation with answer
-positions, seeded evaluation splits and the per-step row schedule.
+"""Forget and normal data from files or the hub, as (prompt, response) pairs.
 
 Forget data is PKU-SafeRLHF (v0 or v1 schema; only the five columns both share are read) or a
 plain `{prompt, response[, is_safe]}` file. Normal data is TruthfulQA's `generation` config
@@ -10,16 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from sku.errors import SkuError
-
-PROMPT_TEMPLATE = "### Question: {prompt}\n ### Answer:"  # the response follows after a space
+from sku.errors import SkuError, first_line
 
 
 @dataclass(frozen=True)
@@ -58,10 +54,6 @@ class ForgetData:
 class NormalData:
     source: str
     pairs: list[Pair]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading records
 
 
 def _read_jsonl(path: Path, text: str) -> list:
@@ -126,7 +118,7 @@ def _read_hub(source: str) -> tuple[str, list]:
         dataset = datasets.load_dataset(dataset_id, spec.config, split=spec.split,
                                         revision=revision)
     except Exception as e:  # the hub client raises many types; the user needs the first line
-        raise SkuError(f"{source}: could not load it: {str(e).splitlines()[0]}") from None
+        raise SkuError(f"{source}: could not load it: {first_line(e)}") from None
     return f"{dataset_id}@{revision}" if revision else dataset_id, dataset.to_list()
 
 
@@ -235,100 +227,3 @@ def load_normal(source: str) -> NormalData:
     if not pairs:
         raise SkuError(f"{resolved}: no question-answer pairs")
     return NormalData(resolved, pairs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenisation
-
-
-@dataclass(frozen=True)
-class Encoded:
-    input_ids: list[int]
-    answer_start: int  # input_ids[answer_start:] are the answer's tokens
-
-    @property
-    def answer_tokens(self) -> int:
-        return len(self.input_ids) - self.answer_start
-
-
-def encode(tokenizer, pairs: Sequence[Pair], max_length: int) -> list[Encoded]:
-    """Template, tokenise and truncate. The answer starts at the first token whose character
-    span reaches into the response, so a token merging the separating space with the answer's
-    first word belongs to the answer; this needs a fast tokenizer's offsets."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise SkuError(f"{tokenizer.name_or_path}: a fast tokenizer is needed "
-                       "(answer positions come from its character offsets)")
-    heads = [PROMPT_TEMPLATE.format(prompt=p.prompt) for p in pairs]
-    texts = [f"{head} {p.response}" for head, p in zip(heads, pairs, strict=True)]
-    batch = tokenizer(texts, return_offsets_mapping=True, truncation=True, max_length=max_length)
-    encoded = []
-    for ids, offsets, head in zip(batch["input_ids"], batch["offset_mapping"], heads,
-                                  strict=True):
-        response_start = len(head) + 1
-        start = next((i for i, (_, end) in enumerate(offsets) if end > response_start), len(ids))
-        encoded.append(Encoded(list(ids), start))
-    return encoded
-
-
-def with_answers(tokenizer, pairs: list[Pair], max_length: int, chunk: int = 2048) -> list[Pair]:
-    """Pairs whose answer keeps at least one token after truncation to max_length."""
-    kept = []
-    for i in range(0, len(pairs), chunk):
-        part = pairs[i:i + chunk]
-        kept += [p for p, e in zip(part, encode(tokenizer, part, max_length), strict=True)
-                 if e.answer_tokens > 0]
-    return kept
-
-
-# ---------------------------------------------------------------------------------------------
-# Splits and schedules
-
-
-class Schedule:
-    """The rows of a pool for each optimizer step: one seeded permutation per epoch, so the
-    rows of step s are a pure function of (seed, s) and resuming needs no loader state."""
-
-    def __init__(self, size: int, batch_size: int, seed: str):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self._epoch, self._order = -1, []
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            self._order = random.Random(f"{self.seed}/epoch{epoch}").sample(
-                range(self.size), self.size)
-            self._epoch = epoch
-        return self._order
-
-    def rows(self, step: int) -> list[int]:
-        first = step * self.batch_size
-        return [self._permutation(i // self.size)[i % self.size]
-                for i in range(first, first + self.batch_size)]
-
-
-def first_per_prompt(pairs: Iterable[Pair]) -> list[Pair]:
-    first: dict[str, Pair] = {}
-    for pair in pairs:
-        first.setdefault(pair.prompt, pair)
-    return list(first.values())
-
-
-def hold_out(pairs: list[Pair], size: int, seed: str) -> tuple[list[Pair], list[Pair]]:
-    """(pairs to train on, held-out prompts): up to `size` prompts, at most a quarter of them,
-    set aside with every pair that has them."""
-    prompts = first_per_prompt(pairs)
-    held = random.Random(seed).sample(prompts, min(size, len(prompts) // 4))
-    held_prompts = {p.prompt for p in held}
-    return [p for p in pairs if p.prompt not in held_prompts], held
-
-
-def visited_prompts(pool: list[Pair], schedule: Schedule, steps: int,
-                    size: int, seed: str) -> list[Pair]:
-    """Up to `size` prompts that the first `steps` steps of `schedule` train on."""
-    rows = sorted({row for step in range(steps) for row in schedule.rows(step)})
-    prompts = first_per_prompt(pool[row] for row in rows)
-    return random.Random(seed).sample(prompts, min(size, len(prompts)))
-
-
-def splits_json(splits: dict[str, list[Pair]], **provenance) -> dict:
-    return {**provenance, **{name: [{"record": p.record, "prompt": p.prompt} for p in prompts]
-                             for name, prompts in splits.items()}}

@@ -1,15 +1,4 @@
-"""`sku unlearn`: one method, end to end, into one run folder.
-
-    RUN/run.json          resolved settings, method weights, world size, library versions
-    RUN/splits.json       evaluation prompts: unlearned harmful, unseen harmful, normal
-    RUN/train_log.jsonl   one line per step: each loss term, lr, tokens/s, memory
-    RUN/checkpoint/       the last resumable state: accelerate save_state (sharded under FSDP),
-                          step.json; finite weights only; removed once stage 1 is saved
-    RUN/snapshots/step-N/ LoRA adapter, or task vector θ_N − θ_o of a full fine-tune
-    RUN/theta_bad/        stage 1 of a negating method (adapter or checkpoint)
-    RUN/adapter/          stage 1 of a non-negating method trained with LoRA
-    RUN/model/            the final model: θ_o − λ·(θ_bad − θ_o) for negating methods
-"""
+"""`sku unlearn`: one method, end to end, into one run folder (its layout: sku/run.py)."""
 
 from __future__ import annotations
 
@@ -23,34 +12,24 @@ from pathlib import Path
 import torch
 
 import taskvec
-from sku.batch import StepBuilder, schedule
-from sku.config import UnlearnConfig
-from sku.data import (
-    hold_out,
-    load_forget,
-    load_normal,
-    splits_json,
-    visited_prompts,
-    with_answers,
-)
-from sku.errors import SkuError
-from sku.methods import METHODS, Method
-from sku.model import FusedLoss, load_model, master_dtype, resolve_dtype
-from sku.train import (
-    NonFiniteLoss,
-    cache_teacher,
-    checkpoint_step,
-    keep_trainable,
-    load_checkpoint,
-    save_checkpoint,
-    train,
-)
-from taskvec import OutputDir, write_json
+from sku.data.encoding import with_answers
+from sku.data.readers import load_forget, load_normal
+from sku.data.splits import hold_out, splits_json, visited_prompts
+from sku.dtypes import resolve_dtype
+from sku.errors import SkuError, cannot_load, refuse_existing
+from sku.log import main_process_logger
+from sku.run import SPLITS, RunFolder
+from sku.train.batch import StepBuilder, schedule
+from sku.train.checkpoint import checkpoint_step, keep_trainable, load_checkpoint, save_checkpoint
+from sku.train.config import UnlearnConfig
+from sku.train.loop import NonFiniteLoss, train
+from sku.train.loss import TrainingModule
+from sku.train.methods import METHODS, Method
+from sku.train.model import load_model, master_dtype
+from sku.train.teacher import TeacherMode, cache_teacher
+from taskvec import OutputDir
 
-RUN_ENTRIES = {"run.json", "splits.json", "train_log.jsonl", "checkpoint", "snapshots",
-               "theta_bad", "adapter", "model", "theta_o"}
-# θ_o as a full fine-tune's stage 2 subtracts it: written once, by the writer that writes θ_bad.
-THETA_O = "theta_o"
+logger = main_process_logger(__name__)  # every process runs this code; one speaks
 _VERSIONED = ("sku-unlearn", "torch", "transformers", "peft", "accelerate", "tokenizers",
               "safetensors")
 
@@ -73,7 +52,7 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise SkuError(f"{name}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
+        raise cannot_load(name, "the tokenizer", e) from None
 
 
 def base_checkpoint(name: str, *, lora: bool) -> tuple[Path, torch.dtype]:
@@ -96,18 +75,6 @@ def base_checkpoint(name: str, *, lora: bool) -> tuple[Path, torch.dtype]:
     return folder, getattr(torch, dtypes[0])
 
 
-def stage2_original(config: UnlearnConfig, out: Path) -> Path:
-    """θ_o for stage 2 and for snapshots: RUN/theta_o when written, else the original."""
-    copy = out / THETA_O
-    return copy if copy.is_dir() else base_checkpoint(config.model, lora=config.lora)[0]
-
-
-def stage1_name(method: Method, lora: bool) -> str:
-    if method.negate:
-        return "theta_bad"
-    return "adapter" if lora else "model"
-
-
 def prepare_data(config: UnlearnConfig, method: Method, tokenizer):
     """(training pools, evaluation splits, provenance). Unseen harmful prompts and normal
     evaluation questions are held out of every pool; unlearned harmful prompts are drawn from
@@ -123,12 +90,8 @@ def prepare_data(config: UnlearnConfig, method: Method, tokenizer):
         raise SkuError(f"{forget.source}: no harmful pair keeps an answer token within "
                        f"max_length {config.max_length}")
     visits = schedule("forget", len(forget_pool), config.batch_size, seed)
-    splits = {
-        "unlearned_harmful": visited_prompts(forget_pool, visits, config.max_steps, size,
-                                             f"{seed}/unlearned"),
-        "unseen_harmful": unseen,
-        "normal": normal_eval,
-    }
+    unlearned = visited_prompts(forget_pool, visits, config.max_steps, size, f"{seed}/unlearned")
+    splits = dict(zip(SPLITS, (unlearned, unseen, normal_eval), strict=True))
     active = {t.rows for t, _ in method.active_terms(tuple(config.eps))}
     if "mismatch" in active:
         active.add(method.mismatch_pool)
@@ -163,16 +126,15 @@ def _micro_batch_size(config: UnlearnConfig, world: int) -> int:
 RESUME_MAY_CHANGE = {"lr"}
 
 
-def _prepare_folder(out: Path, config: UnlearnConfig, accelerator, *, resume: bool,
+def _prepare_folder(run: RunFolder, config: UnlearnConfig, accelerator, *, resume: bool,
                     force: bool) -> dict:
     """Checks on every process (so all raise together), changes on the main one. Returns the
     settings a resume changes, {key: [was, now]}."""
-    run_json = out / "run.json"
-    changed = {}
+    out, changed = run.path, {}
     if resume:
-        if not run_json.is_file():
+        if not run.run_json.is_file():
             raise SkuError(f"{out}: nothing to resume (no run.json)")
-        saved, now = json.loads(run_json.read_text())["config"], config.as_dict()
+        saved, now = run.read_run()["config"], config.as_dict()
         for key in saved.keys() - {"out"}:
             if saved[key] != now.get(key):
                 if key not in RESUME_MAY_CHANGE:
@@ -181,11 +143,8 @@ def _prepare_folder(out: Path, config: UnlearnConfig, accelerator, *, resume: bo
                                    f"{', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
                 changed[key] = [saved[key], now[key]]
     elif out.exists() and any(out.iterdir()):
-        if not force:
-            raise SkuError(f"{out}: already exists (pass --resume to continue it, or --force "
-                           "to start over)")
-        foreign = [p.name for p in out.iterdir()
-                   if p.name not in RUN_ENTRIES and not p.name.startswith(".")]
+        refuse_existing(out, force, "pass --resume to continue it, or --force to start over")
+        foreign = run.foreign_entries()
         if foreign:
             raise SkuError(f"{out}: not a sku run folder (it holds {foreign[0]}); "
                            "refusing to replace it")
@@ -203,17 +162,17 @@ class Saver:
     """Stage-1 outputs: adapters, or full checkpoints in the base checkpoint's dtype (a full
     fine-tune's snapshots are task vectors against `base`, the run's θ_o copy)."""
 
-    def __init__(self, accelerator, fused, tokenizer, config: UnlearnConfig, base: Path,
+    def __init__(self, accelerator, module, tokenizer, config: UnlearnConfig, base: Path,
                  base_dtype: torch.dtype):
-        self.accelerator, self.fused, self.tokenizer = accelerator, fused, tokenizer
+        self.accelerator, self.module, self.tokenizer = accelerator, module, tokenizer
         self.lora, self.base, self.base_dtype = config.lora, base, base_dtype
 
     def save(self, folder: Path) -> None:
         """From the full state dict accelerate gathers on the main process (under FSDP the
         parameters themselves are shards): a collective, so every process calls it."""
         accelerator = self.accelerator
-        model = accelerator.unwrap_model(self.fused).model
-        state = accelerator.get_state_dict(self.fused)
+        model = accelerator.unwrap_model(self.module).model
+        state = accelerator.get_state_dict(self.module)
         if accelerator.is_main_process:
             with OutputDir(folder, force=True) as tmp:
                 if self.lora:  # peft keeps the adapter's tensors of the whole state
@@ -225,7 +184,7 @@ class Saver:
 
     @staticmethod
     def _own(state: dict, dtype: torch.dtype | None) -> dict:
-        """The trained model's tensors (not FusedLoss's teacher), cast to `dtype` (the
+        """The trained model's tensors (not the TrainingModule's teacher), cast to `dtype` (the
         original's: fp32 master weights are rounded once, here). Tied tensors (a head tied to
         the embeddings) stay one tensor: save_pretrained drops tied duplicates only then."""
         cast, by_storage = {}, {}
@@ -249,65 +208,60 @@ class Saver:
         self.accelerator.wait_for_everyone()
 
 
-def _append_log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, last_step: int) -> None:
-    """On resume, steps after the checkpoint are trained again and logged again."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines()
-                 if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
 def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Precision,
-            tokenizer, pools, out: Path, micro: int, resume: bool) -> None:
+            tokenizer, pools, run: RunFolder, micro: int, resume: bool) -> None:
     device = accelerator.device
     model = load_model(config, precision.compute, precision.params, device)
     _, base_dtype = base_checkpoint(config.model, lora=config.lora)
+    sizes = ", ".join(f"{kind} {len(pairs)}" for kind, pairs in pools.items() if pairs)
+    logger.info(f"stage 1 of {method.name}: {config.max_steps} steps of {config.batch_size} "
+                f"rows on {accelerator.num_processes} process(es), "
+                f"{precision.as_dict()['compute']} compute; pools {sizes}")
     if not config.quantize:
         model.to(device)
     builder = StepBuilder(method, config.eps, pools, tokenizer, batch_size=config.batch_size,
                           k=config.k, max_length=config.max_length, seed=config.seed)
     needs_reference = any(t.loss == "kl" for t, _ in builder.terms)
-    fused = FusedLoss(model, config.teacher if needs_reference else None, precision.compute)
+    module = TrainingModule(model, config.teacher if needs_reference else None,
+                            precision.compute)
     cache = None
-    if fused.teacher == "cache":
+    if module.teacher is not None and module.teacher.mode is TeacherMode.CACHE:
         with accelerator.autocast():  # θ_o's states as the student computes its own
-            cache = cache_teacher(fused, pools["normal"], tokenizer, config.max_length, device)
-    optimizer = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad],
+            cache = cache_teacher(module, pools["normal"], tokenizer, config.max_length, device,
+                                  bar=accelerator.is_main_process)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                   lr=config.lr, weight_decay=config.weight_decay)
-    fused, optimizer = accelerator.prepare(fused, optimizer)
+    module, optimizer = accelerator.prepare(module, optimizer)
     # Not prepared: accelerate would step it once per process; checkpointed with its state.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / config.max_steps))
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_save_state_pre_hook(keep_trainable)
-    saver = Saver(accelerator, fused, tokenizer, config, out / THETA_O, base_dtype)
-    if not config.lora and not (out / THETA_O).is_dir():
+    saver = Saver(accelerator, module, tokenizer, config, run.theta_o_copy, base_dtype)
+    if not config.lora and not run.theta_o_copy.is_dir():
         # Before any step (and before a resumed checkpoint is loaded) the model is θ_o.
         # Written like θ_bad, stage 2 subtracts tensors of the same names and dtype whatever
         # format the original came in; a LoRA run merges into the original itself.
-        saver.save(out / THETA_O)
-    checkpoint, log = out / "checkpoint", out / "train_log.jsonl"
+        saver.save(run.theta_o_copy)
+    checkpoint = run.checkpoint
     start = 0
     if resume and checkpoint_step(checkpoint) is not None:
         start = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, config.lr)
+        logger.info(f"resuming at step {start} from {checkpoint}")
     if accelerator.is_main_process:
-        _truncate_log(log, start)
+        run.truncate_log(start)
 
     def on_step(step: int, record: dict) -> None:
         if accelerator.is_main_process:
-            _append_log(log, record)
+            run.append_log(record)
         if step in config.save_steps:
-            saver.snapshot(out / "snapshots" / f"step-{step}")
+            saver.snapshot(run.snapshot(step))
+            logger.debug(f"snapshot of step {step} in {run.snapshot(step)}")
         if step % config.checkpoint_every == 0 and step < config.max_steps:
-            save_checkpoint(checkpoint, step, accelerator, fused)
+            save_checkpoint(checkpoint, step, accelerator, module)
 
     try:
-        train(fused, optimizer, scheduler, builder, accelerator, start_step=start,
+        train(module, optimizer, scheduler, builder, accelerator, start_step=start,
               max_steps=config.max_steps, micro_batch_size=micro, teacher_cache=cache,
               on_step=on_step)
     except NonFiniteLoss as e:
@@ -316,17 +270,21 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
                 "cause and --resume (a lower --lr is accepted)" if last
                 else "no checkpoint was saved yet")
         raise SkuError(f"{e}: stopped; {kept}") from None
-    saver.save(out / stage1_name(method, config.lora))
+    stage1 = run.stage1(negate=method.negate, lora=config.lora)
+    saver.save(stage1)
+    logger.info(f"stage 1 saved in {stage1}")
     if accelerator.is_main_process:
         shutil.rmtree(checkpoint, ignore_errors=True)
 
 
-def _stage2(config: UnlearnConfig, method: Method, tokenizer, out: Path) -> None:
-    base = stage2_original(config, out)
-    stage1, final = out / stage1_name(method, config.lora), out / "model"
+def _stage2(config: UnlearnConfig, method: Method, tokenizer, run: RunFolder) -> None:
+    base = run.theta_o(base_checkpoint(config.model, lora=config.lora)[0])
+    stage1, final = run.stage1(negate=method.negate, lora=config.lora), run.model
     if method.negate:
+        logger.info(f"stage 2: θ_o − {config.scale:g}·(θ_bad − θ_o) into {final}")
         taskvec.negate(base, stage1, final, scale=config.scale, force=True)
     else:  # a LoRA adapter, merged into the original checkpoint
+        logger.info(f"merging the adapter into {base}: {final}")
         taskvec.apply(base, stage1, final, force=True)
     if not (final / "tokenizer_config.json").is_file():
         tokenizer.save_pretrained(final)
@@ -396,34 +354,34 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
     """Run stage 1 and stage 2 of `config.method` into `config.out`, or continue it (resume),
     or replace it (force); returns the final model's folder."""
     accelerator, precision = _accelerator(config)
-    method, out = METHODS[config.method], Path(config.out)
+    method, run = METHODS[config.method], RunFolder(config.out)
     micro = _micro_batch_size(config, accelerator.num_processes)
-    changed = _prepare_folder(out, config, accelerator, resume=resume, force=force)
+    changed = _prepare_folder(run, config, accelerator, resume=resume, force=force)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model)
     pools, splits, provenance = prepare_data(config, method, tokenizer)
     if accelerator.is_main_process and changed:
-        run = json.loads((out / "run.json").read_text())
-        run["config"].update({key: now for key, (_, now) in changed.items()})
-        run.setdefault("resumed_with", []).append({
-            "from_step": checkpoint_step(out / "checkpoint"), "changed": changed})
-        write_json(out / "run.json", run)
+        record = run.read_run()
+        record["config"].update({key: now for key, (_, now) in changed.items()})
+        record.setdefault("resumed_with", []).append({
+            "from_step": checkpoint_step(run.checkpoint), "changed": changed})
+        run.write_run(record)
     if accelerator.is_main_process and not resume:
-        write_json(out / "splits.json", splits_json(splits, seed=config.seed, **provenance))
-        write_json(out / "run.json", {
+        run.write_splits(splits_json(splits, seed=config.seed, **provenance))
+        run.write_run({
             "config": config.as_dict(),
             "method": {"negate": method.negate, "terms": {
                 t.name: w for t, w in method.active_terms(tuple(config.eps))}},
             "world_size": accelerator.num_processes, "micro_batch_size": micro,
             "distributed": str(accelerator.distributed_type), "precision": precision.as_dict(),
             "device": str(accelerator.device), "data": provenance, "versions": _versions()})
-        (out / "snapshots").mkdir()
+        run.snapshots.mkdir()
     accelerator.wait_for_everyone()
-    if not (out / stage1_name(method, config.lora)).exists():
-        _stage1(config, method, accelerator, precision, tokenizer, pools, out, micro, resume)
+    if not run.stage1(negate=method.negate, lora=config.lora).exists():
+        _stage1(config, method, accelerator, precision, tokenizer, pools, run, micro, resume)
     elif accelerator.is_main_process:  # killed after saving stage 1, before removing this
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    if accelerator.is_main_process and not (out / "model").exists():
-        _stage2(config, method, tokenizer, out)
+        shutil.rmtree(run.checkpoint, ignore_errors=True)
+    if accelerator.is_main_process and not run.model.exists():
+        _stage2(config, method, tokenizer, run)
     accelerator.wait_for_everyone()
-    return out / "model"
+    return run.model

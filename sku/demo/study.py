@@ -1,6 +1,6 @@
 """`sku demo`: the whole study on a tiny model and bundled fictional data, in minutes on a CPU.
 
-The data in sku/demo_data/ describe a made-up world. The "harmful" set asks for mild mischief
+The data in sku/demo/data/ describe a made-up world. The "harmful" set asks for mild mischief
 (honking clockwork geese, swapped jam labels) in PKU-SafeRLHF's schema, with a safe or a
 second unsafe response per prompt; the normal set asks about the world in TruthfulQA's CSV
 schema. A tiny LLaMA-shaped model is pre-trained on all of it (it "knows" the unseen harmful
@@ -17,8 +17,7 @@ divergence (the paper's ablations), runs through `sku unlearn`'s own code, and e
 
 from __future__ import annotations
 
-import json
-import random
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,22 +25,20 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from sku_kernels import linear_ce_kl
 
-from sku.batch import answer_positions, pad_batch, pad_id
-from sku.config import resolve_config
-from sku.data import PROMPT_TEMPLATE, Encoded, Pair, encode, load_forget, load_normal
-from sku.errors import SkuError
-from sku.methods import METHODS
-from sku.model import final_hidden_states
-from sku.unlearn import unlearn
+from sku.data.readers import load_forget, load_normal
+from sku.demo.tiny_model import MAX_LENGTH, answer_loss, pretrain
+from sku.errors import SkuError, refuse_existing
+from sku.run import HARMFUL_SPLITS, RunFolder
+from sku.train.config import resolve_config
+from sku.train.methods import METHODS
+from sku.train.unlearn import unlearn
 from taskvec import write_atomic, write_json
 
-DATA = resources.files("sku") / "demo_data"
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+logger = logging.getLogger(__name__)
+DATA = resources.files("sku.demo") / "data"
 DEMO_ENTRIES = {"original", "runs", "original-responses", "report", "answer_loss.md",
                 "answer_loss.json"}
-MAX_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -63,72 +60,9 @@ RUNS = {**{name: (name, {}) for name in METHODS},
 DECODING = {"max_new_tokens": 32, "batch_size": 16}  # greedy; answers here are < 25 tokens
 
 
-def train_tokenizer(texts: list[str], folder: Path):
-    """A word-level tokenizer over the texts (and the template), adding BOS like LLaMA's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    template = PROMPT_TEMPLATE.format(prompt="")
-    tokenizer.train_from_iterator([template, *texts],
-                                  trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A", special_tokens=[("[BOS]", tokenizer.token_to_id("[BOS]"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]",
-                                   unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
-    fast.save_pretrained(folder)
-    return fast
-
-
-def pretrain(folder: Path, pairs: list[Pair], steps: int, seed: int = 0) -> None:
-    """θ_o: a tiny LLaMA that learns every pair, prompt and answer, from random init. Its
-    sequences end in EOS, so that its answers end (generation stops there); the unlearning
-    rows keep the official template, without EOS."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_tokenizer([text for p in pairs for text in (p.prompt, p.response)], folder)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(seed)
-    eos = tokenizer.eos_token_id
-    for _ in range(steps):
-        encoded = [Encoded(e.input_ids[:MAX_LENGTH - 1] + [eos], e.answer_start)
-                   for e in encode(tokenizer, rng.sample(pairs, 16), MAX_LENGTH)]
-        input_ids, attention_mask = pad_batch(encoded, pad_id(tokenizer))
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(folder)
-
-
-@torch.no_grad()
-def answer_loss(model_dir: Path, pairs: list[Pair]) -> float:
-    """Mean cross-entropy per answer token of the pairs under the model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = encode(tokenizer, pairs, MAX_LENGTH)
-    input_ids, attention_mask = pad_batch(encoded, pad_id(tokenizer))
-    positions = [p for r, e in enumerate(encoded)
-                 for p in answer_positions(e, r, input_ids.shape[1])]
-    labels = [t for e in encoded for t in e.input_ids[e.answer_start:]]
-    hidden = final_hidden_states(model, input_ids, attention_mask).flatten(0, 1)[positions]
-    head = model.get_output_embeddings().weight
-    return linear_ce_kl(hidden, head, torch.tensor(labels), reduction="mean").item()
-
-
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise SkuError(f"{out}: already exists (pass --force to replace it)")
+        refuse_existing(out, force)
         foreign = [p.name for p in out.iterdir() if p.name not in DEMO_ENTRIES]
         if foreign:
             raise SkuError(f"{out}: not a demo folder (it holds {foreign[0]}); "
@@ -162,7 +96,7 @@ def run_demo(out: str | Path, *, quick: bool = False, force: bool = False) -> di
 
 def _unlearn_all(out: Path, budget: Budget, harmful_file: Path, normal_file: Path) -> None:
     for name, (method, settings) in RUNS.items():
-        print(f"sku demo: unlearning: {name}", flush=True)
+        logger.info(f"unlearning: {name}")
         config = resolve_config(
             {"method": method, "model": str(out / "original"),
              "forget_data": str(harmful_file), "normal_data": str(normal_file),
@@ -174,29 +108,31 @@ def _unlearn_all(out: Path, budget: Budget, harmful_file: Path, normal_file: Pat
 
 def _evaluate_all(out: Path) -> dict:
     """`sku eval` of every run (keyword judge, every snapshot), then `sku report`."""
-    from sku.evaluate import Decoding, EvalOptions, evaluate_run
-    from sku.report import write_report
+    from sku.evaluation.evaluate import EvalOptions, evaluate_run
+    from sku.evaluation.generate import Decoding
+    from sku.evaluation.report import write_report
 
     # No GPT-2 offline: the original model is the perplexity reference. It was trained on
     # templated text only, so it scores each response after its prompt.
-    options = EvalOptions(judge="keyword", ppl_model=str(out / "original"),
+    options = EvalOptions(judge="keyword", judge_model=str(DATA / "judge_words.txt"),
+                          ppl_model=str(out / "original"),
                           ppl_condition="prompt", steps=True,
                           original_cache=str(out / "original-responses"),
                           decoding=Decoding(**DECODING))
     for name in RUNS:
-        print(f"sku demo: evaluating: {name}", flush=True)
-        evaluate_run(out / "runs" / name, out / "runs" / name / "eval", options)
+        logger.info(f"evaluating: {name}")
+        run = RunFolder(out / "runs" / name)
+        evaluate_run(run.path, run.eval, options)
     return write_report([out / "runs" / name for name in RUNS], out / "report")
 
 
 def _answer_losses(out: Path, forget, normal) -> dict[str, dict[str, float]]:
-    splits = json.loads((out / "runs" / "sku" / "splits.json").read_text())
-    harmful_of = {name: [p for p in forget.harmful if p.prompt in
-                         {s["prompt"] for s in splits[name]}]
-                  for name in ("unlearned_harmful", "unseen_harmful")}
-    questions = {s["prompt"] for s in splits["normal"]}
-    evaluation = {**harmful_of, "normal": [p for p in normal.pairs if p.prompt in questions]}
-    models = {"original": out / "original", **{name: out / "runs" / name / "model"
+    splits = {name: set(prompts)
+              for name, prompts in RunFolder(out / "runs" / "sku").splits().items()}
+    evaluation = {name: [p for p in forget.harmful if p.prompt in splits[name]]
+                  for name in HARMFUL_SPLITS}
+    evaluation["normal"] = [p for p in normal.pairs if p.prompt in splits["normal"]]
+    models = {"original": out / "original", **{name: RunFolder(out / "runs" / name).model
                                                for name in RUNS}}
     return {name: {split: answer_loss(folder, pairs) for split, pairs in evaluation.items()}
             for name, folder in models.items()}
@@ -208,8 +144,7 @@ def _run(out: Path, budget: Budget, force: bool) -> dict:
     with resources.as_file(DATA / "harmful.jsonl") as harmful_file, \
             resources.as_file(DATA / "normal.csv") as normal_file:
         forget, normal = load_forget(str(harmful_file)), load_normal(str(normal_file))
-        print(f"sku demo: pre-training the original model ({budget.pretrain_steps} steps)",
-              flush=True)
+        logger.info(f"pre-training the original model ({budget.pretrain_steps} steps)")
         pretrain(out / "original", forget.harmful + forget.safe + normal.pairs,
                  budget.pretrain_steps)
         _unlearn_all(out, budget, Path(harmful_file), Path(normal_file))
@@ -218,8 +153,14 @@ def _run(out: Path, budget: Budget, force: bool) -> dict:
     loss_table = _loss_table(losses, budget)
     write_atomic(out / "answer_loss.md", loss_table)
     write_json(out / "answer_loss.json", {"budget": vars(budget), "answer_loss": losses})
-    table1 = (out / "report" / "report.md").read_text(encoding="utf-8")
-    table1 = table1.split("\n## ")[0].strip()  # the table, without the notes
-    print(f"\n{table1}\n\n{loss_table}\nsku demo: done in {time.perf_counter() - started:.0f} s;"
-          f" Table 1, its notes and Figure 3 in {out / 'report'}")
+    logger.info(f"done in {time.perf_counter() - started:.0f} s")
     return {**report, "answer_loss": losses}
+
+
+def summary(out: str | Path) -> str:
+    """What `sku demo` prints: Table 1 without its notes, and the answer-loss table."""
+    out = Path(out)
+    table1 = (out / "report" / "report.md").read_text(encoding="utf-8").split("\n## ")[0]
+    loss_table = (out / "answer_loss.md").read_text(encoding="utf-8")
+    return (f"{table1.strip()}\n\n{loss_table}\nTable 1, its notes and Figure 3 in "
+            f"{out / 'report'}")

@@ -7,10 +7,8 @@ Kinds of rows, all built per step from the training pools (sku.data):
   normal    a normal question with its answer; the KL term's reference is the original model
   safe      a PKU prompt with a response labelled safe (the FT baseline)
 
-A term's per-token weight is sign·ε[eps] (or sign·1 without ε), divided by the row's answer
-tokens and by the number of rows of its kind in the effective batch: each term is the mean over
-its rows of the mean over answer tokens, as in the official code, and so does not depend on how
-the batch is split over devices and accumulation steps.
+A term's weight is sign·ε[eps_index] (or sign·1 without ε); `token_weight` spreads it over
+the answer tokens of its rows.
 """
 
 from __future__ import annotations
@@ -25,14 +23,14 @@ class Term:
     rows: str  # one of ROW_KINDS
     loss: str  # "ce" (cross-entropy on the response) or "kl" (KL(original ‖ current))
     sign: int
-    eps: int | None = None  # index into ε; None means weight 1
+    eps_index: int | None = None  # which ε weighs the term; None means weight 1
 
     @property
     def name(self) -> str:
         return f"{self.rows}_{self.loss}"
 
     def weight(self, eps: tuple[float, float, float]) -> float:
-        return self.sign * (1.0 if self.eps is None else eps[self.eps])
+        return self.sign * (1.0 if self.eps_index is None else eps[self.eps_index])
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,17 @@ class Method:
     def active_terms(self, eps: tuple[float, float, float]) -> list[tuple[Term, float]]:
         """(term, weight) for each term with a non-zero weight: ablations cost nothing."""
         return [(t, w) for t in self.terms if (w := t.weight(eps)) != 0.0]
+
+
+def token_weight(term_weight: float, *, batch_size: int, rows: int, answer_tokens: int
+                 ) -> float:
+    """The loss weight of one answer token of a row: each term is the mean over the effective
+    batch's examples, of the mean over the example's `rows` rows of the term (k mismatch rows
+    per prompt, paper eq. 3; else 1), of the mean over the row's answer tokens, as in the
+    official code. Counted over the whole effective batch, the summed loss does not depend on
+    how the batch is split over processes and accumulation steps (DDP's mean over processes
+    is undone in the training loop)."""
+    return term_weight / (batch_size * rows * max(answer_tokens, 1))
 
 
 METHODS = {m.name: m for m in (

@@ -2,9 +2,8 @@
 
 An effective batch holds `batch_size` examples. Example i of step s is: forget row i of the
 forget schedule, its k mismatch rows, normal row i and safe row i — whichever the method's
-active terms use. Examples are split whole over processes and accumulation steps, and every
-weight is normalised by counts over the whole effective batch, so the summed gradient does not
-depend on how the batch is split.
+active terms use. Examples are split whole over processes and accumulation steps; every
+token's weight is sku.train.methods.token_weight, counted over the whole effective batch.
 """
 
 from __future__ import annotations
@@ -14,15 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-from sku.data import Encoded, Pair, Schedule, encode
-from sku.methods import Method, Term
+from sku.data.encoding import Encoded, answer_positions, encode, pad_batch, pad_id
+from sku.data.readers import Pair
+from sku.data.splits import Schedule
+from sku.train.methods import Method, Term, token_weight
 
 
 @dataclass(frozen=True)
 class Row:
     pair: Pair
     term: int  # index into the active terms
-    weight: float  # the term's weight over this row's share of the batch, before / answer tokens
+    rows: int  # rows of its term in its example (k for mismatch rows, else 1)
     pool_index: int  # row of the term's pool (the teacher cache's key for normal rows)
 
 
@@ -69,32 +70,17 @@ class MicroBatch:
         return inputs
 
 
-def pad_batch(encoded: list[Encoded], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), right-padded to the longest row."""
-    width = max(len(e.input_ids) for e in encoded)
-    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for r, e in enumerate(encoded):
-        input_ids[r, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        attention_mask[r, :len(e.input_ids)] = 1
-    return input_ids, attention_mask
-
-
-def answer_positions(e: Encoded, row: int, width: int) -> list[int]:
-    """Flat positions (row·width + t) that predict the answer: position t predicts token t + 1,
-    so from answer_start − 1 to the last position but one."""
-    return [row * width + t for t in range(e.answer_start - 1, len(e.input_ids) - 1)]
-
-
-def collate(rows: list[Row], encoded: list[Encoded], terms: list[tuple[Term, float]],
-            pad_token_id: int) -> MicroBatch:
+def collate(rows: list[Row], encoded: list[Encoded], terms: list[tuple[Term, float]], *,
+            batch_size: int, pad_token_id: int) -> MicroBatch:
     input_ids, attention_mask = pad_batch(encoded, pad_token_id)
     width = input_ids.shape[1]
     positions, labels, ce, kl, term_of, cache_rows = [], [], [], [], [], []
     for r, (row, e) in enumerate(zip(rows, encoded, strict=True)):
         span = answer_positions(e, r, width)
-        weight = row.weight / max(e.answer_tokens, 1)
-        is_kl = terms[row.term][0].loss == "kl"
+        term, term_weight = terms[row.term]
+        weight = token_weight(term_weight, batch_size=batch_size, rows=row.rows,
+                              answer_tokens=e.answer_tokens)
+        is_kl = term.loss == "kl"
         if is_kl:
             cache_rows.append((len(positions), row.pool_index))
         positions += span
@@ -128,19 +114,18 @@ class StepBuilder:
         examples = []
         for i in range(self.batch_size):
             example = []
-            for index, (term, weight) in enumerate(self.terms):
-                share = weight / self.batch_size  # mean over the examples of the batch
+            for index, (term, _) in enumerate(self.terms):
                 if term.rows != "mismatch":
                     j = rows[term.rows][i]
-                    example.append(Row(self.pools[term.rows][j], index, share, j))
+                    example.append(Row(self.pools[term.rows][j], index, 1, j))
                     continue
                 own = self.pools["forget"][rows["forget"][i]]
                 rng = random.Random(f"{self.seed}/mismatch/{step}/{i}")
                 drawn = draw_others(self.mismatch_pool, own, self.k, rng)
-                for j in drawn:  # mean over this prompt's k responses (paper eq. 3)
+                for j in drawn:
                     pair = Pair(own.prompt, self.mismatch_pool[j].response,
                                 self.mismatch_pool[j].record)
-                    example.append(Row(pair, index, share / len(drawn), j))
+                    example.append(Row(pair, index, len(drawn), j))
             examples.append(example)
         return examples
 
@@ -153,7 +138,8 @@ class StepBuilder:
         for first in range(0, per_rank, micro_batch_size):
             rows = [row for example in mine[first:first + micro_batch_size] for row in example]
             encoded = encode(self.tokenizer, [r.pair for r in rows], self.max_length)
-            batches.append(collate(rows, encoded, self.terms, pad_id(self.tokenizer)))
+            batches.append(collate(rows, encoded, self.terms, batch_size=self.batch_size,
+                                   pad_token_id=pad_id(self.tokenizer)))
         return batches
 
 
@@ -161,11 +147,3 @@ def schedule(kind: str, size: int, batch_size: int, seed: int) -> Schedule:
     """The schedule of one pool; shared with the splits, which pick unlearned prompts from the
     forget rows that training visits."""
     return Schedule(size, batch_size, f"{seed}/{kind}")
-
-
-def pad_id(tokenizer) -> int:
-    """Any id will do: padding positions are masked by position, never by id."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0

@@ -1,0 +1,154 @@
+"""The run folder: what `sku unlearn` writes and `sku eval` reads, in one place.
+
+    RUN/run.json          resolved settings, method weights, world size, library versions
+    RUN/splits.json       evaluation prompts: unlearned harmful, unseen harmful, normal
+    RUN/train_log.jsonl   one line per step: each loss term, lr, tokens/s, memory
+    RUN/checkpoint/       the last resumable state: accelerate save_state (sharded under FSDP),
+                          step.json; finite weights only; removed once stage 1 is saved
+    RUN/snapshots/step-N/ LoRA adapter, or task vector θ_N − θ_o of a full fine-tune
+    RUN/theta_o/          θ_o of a full fine-tune, saved by the writer that saves θ_bad
+    RUN/theta_bad/        stage 1 of a negating method (adapter or checkpoint)
+    RUN/adapter/          stage 1 of a non-negating method trained with LoRA
+    RUN/model/            the final model: θ_o − λ·(θ_bad − θ_o) for negating methods
+    RUN/eval/             `sku eval`'s default output folder
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sku.errors import SkuError
+from taskvec import write_json
+
+RUN_JSON, SPLITS_JSON, TRAIN_LOG = "run.json", "splits.json", "train_log.jsonl"
+CHECKPOINT, SNAPSHOTS, EVAL = "checkpoint", "snapshots", "eval"
+THETA_O, THETA_BAD, ADAPTER, MODEL = "theta_o", "theta_bad", "adapter", "model"
+ENTRIES = {RUN_JSON, SPLITS_JSON, TRAIN_LOG, CHECKPOINT, SNAPSHOTS, EVAL, THETA_O, THETA_BAD,
+           ADAPTER, MODEL}
+SPLITS = ("unlearned_harmful", "unseen_harmful", "normal")  # the prompt lists of splits.json
+HARMFUL_SPLITS = SPLITS[:2]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SkuError(f"{path}: no such file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise SkuError(f"{path}: unreadable: {e}") from None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What evaluation needs from run.json."""
+
+    folder: Path
+    method: str
+    model: str  # the original model, as the run named it
+    negate: bool
+    scale: float
+    max_steps: int
+    eps: list[float] | None = None  # the run's ε: names SKU's ablations in reports
+
+
+def load_splits(path: Path) -> dict[str, list[str]]:
+    """Prompts of each evaluation split from splits.json: lists of {prompt, ...} or strings."""
+    data = read_json(path)
+    splits = {}
+    for name in SPLITS:
+        items = data.get(name)
+        if not isinstance(items, list):
+            raise SkuError(f"{path}: no list {name!r} (expected keys {', '.join(SPLITS)})")
+        prompts = [item.get("prompt") if isinstance(item, dict) else item for item in items]
+        if not all(isinstance(p, str) for p in prompts):
+            raise SkuError(f"{path}: {name}: every item needs a prompt string")
+        splits[name] = prompts
+    return splits
+
+
+def snapshot_kind(folder: Path) -> str:
+    """A snapshot as `sku unlearn` writes it: "adapter" (LoRA runs) or "task_vector"
+    (θ_s − θ_o of a full fine-tune)."""
+    import taskvec
+
+    found = taskvec.kind(folder)
+    if found == "lora_adapter":
+        return "adapter"
+    if found == "task_vector":
+        return "task_vector"
+    raise SkuError(f"{folder}: neither a LoRA adapter nor a taskvec task vector")
+
+
+class RunFolder:
+    """Paths and files of one run folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.run_json, self.splits_json = self.path / RUN_JSON, self.path / SPLITS_JSON
+        self.train_log, self.checkpoint = self.path / TRAIN_LOG, self.path / CHECKPOINT
+        self.snapshots, self.model = self.path / SNAPSHOTS, self.path / MODEL
+        self.theta_o_copy, self.eval = self.path / THETA_O, self.path / EVAL
+
+    def stage1(self, *, negate: bool, lora: bool) -> Path:
+        """Where stage 1 is saved: θ_bad of a negating method, else the adapter to merge, or
+        the fine-tuned model itself (which is then the final model)."""
+        if negate:
+            return self.path / THETA_BAD
+        return self.path / (ADAPTER if lora else MODEL)
+
+    def theta_o(self, original: Path) -> Path:
+        """θ_o that stage 2 and the snapshots' deltas are taken against: RUN/theta_o when a
+        full fine-tune wrote it, else the original model's folder."""
+        return self.theta_o_copy if self.theta_o_copy.is_dir() else original
+
+    def snapshot(self, step: int) -> Path:
+        return self.snapshots / f"step-{step}"
+
+    def list_snapshots(self) -> list[tuple[int, Path]]:
+        found = []
+        for path in self.snapshots.glob("step-*"):
+            step = path.name.removeprefix("step-")
+            if path.is_dir() and step.isdigit():
+                found.append((int(step), path))
+        return sorted(found)
+
+    def foreign_entries(self) -> list[str]:
+        """Entries that no sku command writes (hidden temporaries excepted)."""
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.name not in ENTRIES and not p.name.startswith("."))
+
+    def read_run(self) -> dict:
+        return read_json(self.run_json)
+
+    def write_run(self, record: dict) -> None:
+        write_json(self.run_json, record)
+
+    def write_splits(self, record: dict) -> None:
+        write_json(self.splits_json, record)
+
+    def info(self) -> RunInfo:
+        data = self.read_run()
+        try:
+            config = data["config"]
+            return RunInfo(self.path, config["method"], config["model"],
+                           bool(data["method"]["negate"]), float(config["scale"]),
+                           int(config["max_steps"]), config.get("eps"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SkuError(f"{self.run_json}: not a `sku unlearn` run.json (missing or bad {e})"
+                           ) from None
+
+    def splits(self) -> dict[str, list[str]]:
+        return load_splits(self.splits_json)
+
+    def append_log(self, record: dict) -> None:
+        with open(self.train_log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_log(self, last_step: int) -> None:
+        """On resume, steps after the checkpoint are trained again and logged again."""
+        if self.train_log.is_file():
+            lines = [line for line in self.train_log.read_text().splitlines()
+                     if line and json.loads(line)["step"] <= last_step]
+            self.train_log.write_text("".join(line + "\n" for line in lines))
