@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from support.sku import BLEURT_WORDS, byte_tokenizer, write_bleurt
 
 from sku.data.template import PROMPT_TEMPLATE
 from sku.evaluation.metrics import Bleurt, MetricUnavailable, ReferenceLM
+from tests.support.sku import BLEURT_WORDS, byte_tokenizer, write_bleurt
 
 N_POSITIONS = 96
 

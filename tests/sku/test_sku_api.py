@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from support.checkpoints import read_tensors
-from support.sku import PKU_V1, TRUTHFULQA, tiny_model, unlearn_args
 
 import sku
 from sku.cli import main
+from tests.support.checkpoints import read_tensors
+from tests.support.sku import PKU_V1, TRUTHFULQA, tiny_model, unlearn_args
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from support.sku import run_sku, tiny_model, unlearn_args
+
+from tests.support.sku import run_sku, tiny_model, unlearn_args
 
 
 def _one_line(proc, start: str) -> str:

@@ -8,13 +8,6 @@ import importlib.util
 import json
 
 import pytest
-from support.sku import (
-    PKU_V0,
-    PKU_V1,
-    PLAIN,
-    TRUTHFULQA,
-    build_tokenizer,
-)
 
 from sku.data.encoding import encode, with_answers
 from sku.data.readers import Pair, load_forget, load_normal
@@ -24,6 +17,13 @@ from sku.train.batch import StepBuilder, collate, draw_others
 from sku.train.config import resolve_config
 from sku.train.methods import METHODS
 from sku.train.unlearn import prepare_data
+from tests.support.sku import (
+    PKU_V0,
+    PKU_V1,
+    PLAIN,
+    TRUTHFULQA,
+    build_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

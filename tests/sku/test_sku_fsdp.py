@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.checkpoints import read_tensors
-from support.sku import (
+
+from sku.cli import main
+from tests.support.checkpoints import read_tensors
+from tests.support.sku import (
     run_sku,
     tiny_model,
     unlearn_args,
 )
-
-from sku.cli import main
 
 LAUNCHER = str(Path(__file__).parents[1] / "launchers" / "fsdp_cpu.py")
 CONFIG = Path(__file__).parents[2] / "examples" / "accelerate" / "fsdp2.yaml"

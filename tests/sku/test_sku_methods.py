@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from support.sku import (
-    PKU_V1,
-    TRUTHFULQA,
-    build_tokenizer,
-)
 
 from sku.data.readers import load_forget, load_normal
 from sku.errors import SkuError
 from sku.train.batch import StepBuilder
 from sku.train.config import load_recipe, recipe_names, resolve_config
 from sku.train.methods import METHODS
+from tests.support.sku import (
+    PKU_V1,
+    TRUTHFULQA,
+    build_tokenizer,
+)
 
 EPS = (2.5, 1.0, 0.5)
 

@@ -7,14 +7,14 @@ import json
 
 import pytest
 import torch
-from support.checkpoints import read_tensors
-from support.sku import (
+
+from sku.cli import main
+from tests.support.checkpoints import read_tensors
+from tests.support.sku import (
     build_tokenizer,
     tiny_config,
     unlearn_args,
 )
-
-from sku.cli import main
 
 # Table 4's OPT-2.7B recipe is a full fine-tune at lr 2e-4 with linear decay; at this scale
 # lr 1e-3 over 30 steps moves most weights by less than half a bf16 step in most steps.

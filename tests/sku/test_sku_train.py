@@ -8,13 +8,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from support.sku import (
-    PKU_V1,
-    TRUTHFULQA,
-    build_tokenizer,
-    tiny_config,
-    tiny_model,
-)
 
 from sku.data.encoding import encode
 from sku.data.readers import load_forget, load_normal
@@ -24,6 +17,13 @@ from sku.train.loss import TrainingModule
 from sku.train.methods import METHODS
 from sku.train.model import final_hidden_states, load_model
 from sku.train.teacher import TeacherMode, cache_teacher
+from tests.support.sku import (
+    PKU_V1,
+    TRUTHFULQA,
+    build_tokenizer,
+    tiny_config,
+    tiny_model,
+)
 
 EPS = (2.5, 1.0, 0.5)
 BATCH, K = 2, 2

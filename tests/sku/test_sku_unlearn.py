@@ -8,18 +8,18 @@ import shutil
 
 import pytest
 import torch
-from support.checkpoints import read_tensors
-from support.sku import (
+
+import taskvec
+from sku.cli import main
+from sku.train.batch import StepBuilder
+from tests.support.checkpoints import read_tensors
+from tests.support.sku import (
     PKU_V1,
     TRUTHFULQA,
     run_sku,
     tiny_model,
     unlearn_args,
 )
-
-import taskvec
-from sku.cli import main
-from sku.train.batch import StepBuilder
 
 
 @pytest.fixture(scope="module")

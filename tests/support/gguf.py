@@ -37,13 +37,14 @@ def bpe_tokenizer(folder: Path):
     return fast
 
 
-def tiny_llama(vocab_size: int, seed: int = 0, tied: bool = True):
+def tiny_llama(tokenizer, seed: int = 0, tied: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2, tie_word_embeddings=tied)
+                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=tied)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.checkpoints import read_tensors, write_checkpoint
+
+from tests.support.checkpoints import read_tensors, write_checkpoint
 
 VOCAB = 256
 LLAMA_SHARD = "60KB"  # ~220 KB of bf16 weights -> four shards and an index

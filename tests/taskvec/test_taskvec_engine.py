@@ -15,12 +15,12 @@ import termios
 
 import pytest
 import torch
-from support.checkpoints import read_tensors, write_checkpoint
-from support.cli import cli_env, run_cli
 
 import taskvec
 from taskvec.inspection import layer_of
 from taskvec.operations import stream_operation
+from tests.support.checkpoints import read_tensors, write_checkpoint
+from tests.support.cli import cli_env, run_cli
 
 FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.checkpoints import (
+
+import taskvec
+from tests.support.checkpoints import (
     copy_checkpoint,
     edit_tensors,
     last_tensor,
@@ -22,9 +24,7 @@ from support.checkpoints import (
     tree_digest,
     write_checkpoint,
 )
-from support.cli import assert_cli_error, assert_one_line, cli_env, run_cli
-
-import taskvec
+from tests.support.cli import assert_cli_error, assert_one_line, cli_env, run_cli
 
 K_PROJ = "model.layers.1.self_attn.k_proj.weight"
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")

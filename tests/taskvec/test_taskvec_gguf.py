@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.checkpoints import read_tensors
-from support.cli import assert_cli_error, cli_env, run_cli
-from support.gguf import SENTENCES, bpe_tokenizer, tiny_llama, write_llama_gguf
 
 import taskvec
+from tests.support.checkpoints import read_tensors
+from tests.support.cli import assert_cli_error, cli_env, run_cli
+from tests.support.gguf import SENTENCES, bpe_tokenizer, tiny_llama, write_llama_gguf
 
 pytest.importorskip("gguf")
 
@@ -22,7 +22,7 @@ def written(tmp_path_factory):
     """(GGUF file, the model and tokenizer it was written from)."""
     root = tmp_path_factory.mktemp("gguf")
     tokenizer = bpe_tokenizer(root / "tokenizer")
-    model = tiny_llama(len(tokenizer))
+    model = tiny_llama(tokenizer)
     return write_llama_gguf(root / "tiny-llama.gguf", model, root / "tokenizer"), model, tokenizer
 
 

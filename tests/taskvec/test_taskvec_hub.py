@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 import torch
-from support.checkpoints import make_hub_cache, read_tensors, tree_digest
-from support.cli import assert_cli_error, assert_one_line, cli_env, run_cli
 
 import taskvec
+from tests.support.checkpoints import make_hub_cache, read_tensors, tree_digest
+from tests.support.cli import assert_cli_error, assert_one_line, cli_env, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from support.checkpoints import (
+
+import taskvec
+from tests.support.checkpoints import (
     copy_checkpoint,
     edit_tensors,
     layer_norms,
@@ -14,9 +16,7 @@ from support.checkpoints import (
     read_tensors,
     write_header,
 )
-from support.cli import assert_cli_error, assert_one_line, run_cli
-
-import taskvec
+from tests.support.cli import assert_cli_error, assert_one_line, run_cli
 
 INDEX = "model.safetensors.index.json"
 

@@ -7,16 +7,16 @@ import json
 
 import pytest
 import torch
-from support.checkpoints import (
+
+import taskvec
+from tests.support.checkpoints import (
     assert_close_ulp,
     layer_norms,
     peft_delta,
     read_tensors,
     tree_digest,
 )
-from support.cli import assert_cli_error, assert_one_line, run_cli
-
-import taskvec
+from tests.support.cli import assert_cli_error, assert_one_line, run_cli
 
 LORA = ["qv", "rslora_all", "conv1d", "embedding", "modules_to_save"]
 REFUSED = ["dora", "ia3"]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from support.checkpoints import read_header, read_tensors
-from support.cli import run_cli
 
 import taskvec
+from tests.support.checkpoints import read_header, read_tensors
+from tests.support.cli import run_cli
 
 FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
