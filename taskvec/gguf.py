@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
+from functools import partial
 from pathlib import Path
 
 from taskvec.errors import TaskVecError
@@ -65,12 +67,21 @@ def _convert(path: Path, out: Path) -> None:
         from transformers.utils import logging as hf_logging
     except ImportError as e:
         raise TaskVecError(f"{path}: reading GGUF needs the `gguf` package ({e.msg})") from None
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # its per-tensor bars would flood a redirected log
+    import transformers.modeling_gguf_pytorch_utils as gguf_reader
+
+    # transformers' bars would flood a redirected log (on a terminal they show the conversion).
+    # Its GGUF reader calls a bare tqdm that no switch reaches, so that name is swapped for the
+    # call's duration.
+    quiet, bars, reader_bar = (not sys.stderr.isatty(), hf_logging.is_progress_bar_enabled(),
+                               gguf_reader.tqdm)
+    if quiet:
+        hf_logging.disable_progress_bar()
+        gguf_reader.tqdm = partial(reader_bar, disable=True)
     try:
         _dequantize_and_save(path, out)
     finally:
-        if bars:
+        gguf_reader.tqdm = reader_bar
+        if quiet and bars:
             hf_logging.enable_progress_bar()
 
 

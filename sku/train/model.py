@@ -63,6 +63,16 @@ def _quantization(kind: str, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def model_source(name: str) -> str:
+    """What transformers should load for a --model: a GGUF file's converted folder (taskvec
+    caches it; transformers cannot train packed GGUF weights), else the name as given."""
+    if name.lower().endswith(".gguf"):
+        import taskvec
+
+        return str(taskvec.resolve(name, "model"))
+    return name
+
+
 def load_model(config, compute: torch.dtype, params: torch.dtype, device: torch.device
                ) -> nn.Module:
     """The model to train, its parameters in `params` (see master_dtype): the causal LM,
@@ -74,7 +84,7 @@ def load_model(config, compute: torch.dtype, params: torch.dtype, device: torch.
         kwargs["quantization_config"] = _quantization(config.quantize, compute)
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_source(config.model), **kwargs)
     except (OSError, ValueError) as e:
         raise cannot_load(config.model, "the model", e) from None
     _check_plain_head(model, config.model)

@@ -25,7 +25,7 @@ from sku.train.config import UnlearnConfig
 from sku.train.loop import NonFiniteLoss, train
 from sku.train.loss import TrainingModule
 from sku.train.methods import METHODS, Method
-from sku.train.model import load_model, master_dtype
+from sku.train.model import load_model, master_dtype, model_source
 from sku.train.teacher import TeacherMode, cache_teacher
 from taskvec import OutputDir
 
@@ -50,7 +50,7 @@ def load_tokenizer(name: str):
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
         raise SkuError(f"{name}: no such model folder")
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(model_source(name))
     except (OSError, ValueError) as e:
         raise cannot_load(name, "the tokenizer", e) from None
 
