@@ -63,7 +63,7 @@ class UnlearnConfig:
 
     method: str = setting(help="the unlearning method", choices=list(METHODS),
                           check=one_of(*METHODS))
-    model: str = setting(help="original model: local folder or hub id", check=TEXT)
+    model: str = setting(help="original model: local folder, hub id or .gguf file", check=TEXT)
     forget_data: str = setting(
         help="PKU-SafeRLHF: hub id[@revision] or .jsonl/.json/.csv/.parquet file", check=TEXT)
     normal_data: str = setting(help="TruthfulQA (generation): hub id[@revision] or a local file",
