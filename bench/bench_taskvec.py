@@ -218,7 +218,7 @@ def run_child(cmd: list[str], out: Path, log: Path, fsync_after: bool,
               own_venv: bool) -> tuple[float, float, float]:
     """(wall seconds, the child's CPU seconds, its own peak RSS in MB); the output is fsynced
     inside the timing. A peer in its own venv runs without PYTHONPATH: a checkout on it would
-    shadow its packages (our kernels/ folder hides the `kernels` package transformers imports)."""
+    shadow its packages (e.g. our `sku` and `taskvec` over any of the same name)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if own_venv:
         env.pop("PYTHONPATH", None)

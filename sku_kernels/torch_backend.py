@@ -4,7 +4,7 @@ Triton path reuses.
 Rows are processed in chunks so that only chunk×V logits exist at once. Each chunk computes
 its loss and, when asked, its logits gradient dz; dz is immediately folded into dH (rows of the
 chunk) and into an fp32 dW accumulator, then dropped. Inputs are already flattened and checked
-by kernels/linear_ce_kl.py: h (N, H), w (V, H), y (N,) int64 in [0, V), and a, b, s (N,) in
+by sku_kernels/linear_ce_kl.py: h (N, H), w (V, H), y (N,) int64 in [0, V), and a, b, s (N,) in
 float32 (float64 for float64 inputs). `a` is already zero on ignored rows, so `y` there is just
 a safe index.
 """
