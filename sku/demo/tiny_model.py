@@ -7,13 +7,13 @@ import random
 from pathlib import Path
 
 import torch
-from sku_kernels import linear_ce_kl
 
 from sku.data.encoding import Encoded, answer_positions, encode, pad_batch, pad_id
 from sku.data.readers import Pair
 from sku.data.template import PROMPT_TEMPLATE
 from sku.log import progress
 from sku.train.model import final_hidden_states
+from sku_kernels import linear_ce_kl
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 MAX_LENGTH = 64

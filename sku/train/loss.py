@@ -5,11 +5,11 @@ against the LM head, so the N×V logits are never materialised; KL terms against
 from __future__ import annotations
 
 import torch
-from sku_kernels import linear_ce_kl
 from torch import nn
 
 from sku.train.model import causal_lm, final_hidden_states
 from sku.train.teacher import Teacher, TeacherMode
+from sku_kernels import linear_ce_kl
 
 
 class TrainingModule(nn.Module):

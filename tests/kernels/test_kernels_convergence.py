@@ -5,8 +5,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from sku_kernels import linear_ce_kl
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from sku_kernels import linear_ce_kl
 
 VOCAB, STEPS = 257, 6
 

@@ -4,6 +4,7 @@ the Triton backend (on CPU under the Triton interpreter: fp32, small shapes)."""
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sku_kernels import (
     fused_linear_cross_entropy,
     fused_linear_kl_div,

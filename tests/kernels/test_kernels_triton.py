@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from sku_kernels import linear_ce_kl, torch_backend
 from sku_kernels.reference import linear_ce_kl_reference
 
