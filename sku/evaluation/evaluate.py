@@ -61,7 +61,9 @@ class EvalOptions:
     judge: str = setting("keyword", "openai: an LLM judge over any OpenAI-compatible server "
                                     "(the paper used GPT-4); keyword: an offline heuristic",
                          choices=list(JUDGES), check=one_of(*JUDGES))
-    judge_model: str | None = setting(None, "the judge's model name, e.g. gpt-4o", check=TEXT)
+    judge_model: str | None = setting(
+        None, "openai: the judge's model name, e.g. gpt-4o; keyword: a file of extra harm "
+        "words, one per line", check=TEXT)
     base_url: str | None = setting(
         None, "OpenAI-compatible server, e.g. http://localhost:8000/v1 (key from "
               "OPENAI_API_KEY; any key if it needs none)", check=TEXT,
