@@ -66,9 +66,12 @@ def load_metrics(path: str | Path) -> dict:
 
 
 def _row(method: str, label: str, model_metrics: dict, judge: str, source: str) -> dict:
-    row = {"method": method, "label": label}
+    row = {"method": method, "label": label, "empty": {}}
     for key, section, field, *_ in COLUMNS:
-        row[key] = model_metrics.get(section, {}).get(field)
+        split = model_metrics.get(section, {})
+        row[key] = split.get(field)
+        if key.startswith("ppl") and row[key] is None and split.get("tokens") == 0:
+            row["empty"][key] = split.get("n")  # scored, but no response had a token
     return {**row, "rank_unlearn": None, "rank_utility": None, "rank_avg": None,
             "judge": judge, "source": source}
 
@@ -109,6 +112,15 @@ def column_ranks(key: str, values: list[float]) -> list[float]:
     return [sum(o < k for o in keys) + (sum(o == k for o in keys) + 1) / 2 for k in keys]
 
 
+def _ranked_value(row: dict, key: str) -> float | None:
+    """The value a column ranks: a method whose responses were all empty degenerated, an
+    outcome that ranks worst (tied with "> 10^3"), not a value missing."""
+    value = row[key]
+    if isinstance(value, (int, float)) and not math.isnan(value):
+        return value
+    return math.inf if key in row.get("empty", {}) else None
+
+
 def rank_rows(rows: list[dict]) -> list[str]:
     """Fill rank_unlearn, rank_utility and rank_avg of every row but the original's; returns
     the columns that took part (a column missing for some method is left out)."""
@@ -116,11 +128,11 @@ def rank_rows(rows: list[dict]) -> list[str]:
     used = []
     for rank_key, keys in RANKED.items():
         present = [k for k in keys if methods and all(
-            isinstance(r[k], (int, float)) and not math.isnan(r[k]) for r in methods)]
+            _ranked_value(r, k) is not None for r in methods)]
         used += present
         if not present:
             continue
-        per_column = [column_ranks(k, [r[k] for r in methods]) for k in present]
+        per_column = [column_ranks(k, [_ranked_value(r, k) for r in methods]) for k in present]
         means = [round(sum(ranks) / len(ranks), 9) for ranks in zip(*per_column, strict=True)]
         for row, mean in zip(methods, means, strict=True):
             row[rank_key] = 1 + sum(other < mean for other in means)
@@ -176,7 +188,9 @@ def render_markdown(rows: list[dict], evaluations: list[dict], ranked: list[str]
     for i, row in enumerate(rows):
         cells = [row["label"]]
         for key, *_ in COLUMNS:
-            cells.append(marks[key].get(i, "{}").format(_format(key, row[key])))
+            empty = row.get("empty", {})
+            cells.append(f"empty {empty[key]}/{empty[key]}" if key in empty
+                         else marks[key].get(i, "{}").format(_format(key, row[key])))
         cells += [_rank_text(row[k]) for k in ("rank_unlearn", "rank_utility", "rank_avg")]
         lines.append("| " + " | ".join(cells) + " |")
     first = evaluations[0]
@@ -199,7 +213,9 @@ def render_markdown(rows: list[dict], evaluations: list[dict], ranked: list[str]
                  f"max_new_tokens {decoding['max_new_tokens']}, cut at "
                  f"{decoding['stop']!r}; template {decoding['template']!r}.")
     lines.append(f"- Ranking: {RANKING_RULE}")
-    lines.append(f"- Columns ranked: {', '.join(ranked) or 'none'}. n/c = not computed.")
+    lines.append(f"- Columns ranked: {', '.join(ranked) or 'none'}. n/c = not computed; "
+                 "empty n/n = all n responses were empty, so nothing could be scored: ranked "
+                 "worst, tied with > 10^3.")
     lines += [f"- {note}" for note in notes]
     if figures:
         lines += ["", "## Metrics against training steps (paper Figure 3)", ""]

@@ -130,3 +130,36 @@ def test_report_of_nothing_readable_is_one_line(tmp_path, capsys):
     ("sku", [2.5, 2.5, 0.0], "SKU w/o PD"), ("sku", None, "SKU"), ("ga", [2.5, 0.0, 1.0], "GA")])
 def test_sku_ablations_are_named_by_the_term_they_drop(method, eps, label):
     assert method_label({"method": method, "eps": eps}) == label
+
+
+def test_a_method_with_only_empty_responses_ranks_worst_and_shows_it(tmp_path):
+    """A degenerate model (every response '') is an outcome: its perplexity column reads
+    "empty 10/10" and ranks worst, and no column is dropped for the other methods."""
+    def metrics(method, normal):
+        split = {"n": 10, "harmful_rate": 0.5, "perplexity": 3.0, "tokens": 40}
+        return {"method": method, "run": str(tmp_path / method), "eps": None,
+                "judge": {"name": "keyword", "prompt_version": "v"},
+                "original": {s: split for s in ("unlearned_harmful", "unseen_harmful", "normal")},
+                "final": {"unlearned_harmful": split, "unseen_harmful": split, "normal": normal}}
+
+    from sku.evaluation.report import table_rows
+
+    evaluations = [metrics("ft", {"n": 10, "perplexity": 2000.0, "tokens": 50}),
+                   metrics("ga", {"n": 10, "perplexity": None, "tokens": 0}),
+                   metrics("sku", {"n": 10, "perplexity": 4.0, "tokens": 50})]
+    for m in evaluations:
+        m["source"] = m["run"]
+    rows = table_rows(evaluations)
+    assert "ppl_normal" in rank_rows(rows)
+    utility = {r["method"]: r["rank_utility"] for r in rows[1:]}
+    assert utility == {"sku": 1, "ft": 2, "ga": 2}  # "> 10^3" and empty tie for worst
+    assert all(r["rank_avg"] is not None for r in rows[1:])
+    from sku.evaluation.report import render_markdown
+
+    table = render_markdown(rows, [{**evaluations[0], "perplexity_model": {
+        "model": "m", "conditioning": "c", "aggregate": "a"},
+        "bleurt_model": {"model": "b", "pairs": "p"},
+        "decoding": {"do_sample": False, "max_new_tokens": 8, "stop": "", "template": "t"}}],
+        ["ppl_normal"], [], [])
+    ga_line = next(line for line in table.splitlines() if line.startswith("| GA |"))
+    assert "empty 10/10" in ga_line and "NA" not in ga_line
