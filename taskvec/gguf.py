@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import sys
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 from taskvec.errors import TaskVecError
@@ -32,6 +32,12 @@ def cache_root() -> Path:
 
 
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@cache  # one run resolves its model several times; a 7B GGUF takes seconds to hash
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
