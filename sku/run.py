@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sku.data.template import TEMPLATES
 from sku.errors import SkuError
 from taskvec import write_json
 
@@ -51,6 +52,7 @@ class RunInfo:
     scale: float
     max_steps: int
     eps: list[float] | None = None  # the run's ε: names SKU's ablations in reports
+    template: str = "paper"  # sku.data.template.TEMPLATES: what the run trained on
 
 
 def load_splits(path: Path) -> dict[str, list[str]]:
@@ -132,9 +134,12 @@ class RunFolder:
         data = self.read_run()
         try:
             config = data["config"]
+            if config.get("template", "paper") not in TEMPLATES:
+                raise ValueError(f"template {config['template']!r}")
             return RunInfo(self.path, config["method"], config["model"],
                            bool(data["method"]["negate"]), float(config["scale"]),
-                           int(config["max_steps"]), config.get("eps"))
+                           int(config["max_steps"]), config.get("eps"),
+                           config.get("template", "paper"))
         except (KeyError, TypeError, ValueError) as e:
             raise SkuError(f"{self.run_json}: not a `sku unlearn` run.json (missing or bad {e})"
                            ) from None

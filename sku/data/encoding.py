@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from sku.data.readers import Pair
-from sku.data.template import PROMPT_TEMPLATE
+from sku.data.template import PAPER, Template
 from sku.errors import SkuError
 
 
@@ -22,31 +22,36 @@ class Encoded:
         return len(self.input_ids) - self.answer_start
 
 
-def encode(tokenizer, pairs: Sequence[Pair], max_length: int) -> list[Encoded]:
+def encode(tokenizer, pairs: Sequence[Pair], max_length: int,
+           template: Template = PAPER) -> list[Encoded]:
     """Template, tokenise and truncate. The answer starts at the first token whose character
     span reaches into the response, so a token merging the separating space with the answer's
     first word belongs to the answer; this needs a fast tokenizer's offsets."""
     if not getattr(tokenizer, "is_fast", False):
         raise SkuError(f"{tokenizer.name_or_path}: a fast tokenizer is needed "
                        "(answer positions come from its character offsets)")
-    heads = [PROMPT_TEMPLATE.format(prompt=p.prompt) for p in pairs]
-    texts = [f"{head} {p.response}" for head, p in zip(heads, pairs, strict=True)]
-    batch = tokenizer(texts, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    heads = [template.head(tokenizer, p.prompt) for p in pairs]
+    texts = [f"{head}{template.separator}{p.response}"
+             for head, p in zip(heads, pairs, strict=True)]
+    batch = tokenizer(texts, return_offsets_mapping=True, truncation=True, max_length=max_length,
+                      add_special_tokens=template.add_special_tokens)
     encoded = []
     for ids, offsets, head in zip(batch["input_ids"], batch["offset_mapping"], heads,
                                   strict=True):
-        response_start = len(head) + 1
+        response_start = len(head) + len(template.separator)
         start = next((i for i, (_, end) in enumerate(offsets) if end > response_start), len(ids))
         encoded.append(Encoded(list(ids), start))
     return encoded
 
 
-def with_answers(tokenizer, pairs: list[Pair], max_length: int, chunk: int = 2048) -> list[Pair]:
+def with_answers(tokenizer, pairs: list[Pair], max_length: int, template: Template = PAPER,
+                 chunk: int = 2048) -> list[Pair]:
     """Pairs whose answer keeps at least one token after truncation to max_length."""
     kept = []
     for i in range(0, len(pairs), chunk):
         part = pairs[i:i + chunk]
-        kept += [p for p, e in zip(part, encode(tokenizer, part, max_length), strict=True)
+        kept += [p for p, e in zip(part, encode(tokenizer, part, max_length, template),
+                                   strict=True)
                  if e.answer_tokens > 0]
     return kept
 

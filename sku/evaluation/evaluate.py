@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from sku.data.template import PROMPT_TEMPLATE
+from sku.data.template import TEMPLATES, Template
 from sku.dtypes import DTYPES, default_device
 from sku.errors import SkuError, refuse_existing
 from sku.evaluation.generate import Decoding, generate, load_generator, release
@@ -119,12 +119,12 @@ def _fingerprint_folder(folder: Path) -> list:
                   for p in folder.rglob("*") if p.is_file())
 
 
-def fingerprint(spec: ModelSpec, splits: dict, decoding: Decoding) -> str:
-    """What the responses depend on: the model's files, the prompts and the decoding."""
+def fingerprint(spec: ModelSpec, splits: dict, decoding: Decoding, template: Template) -> str:
+    """What the responses depend on: the model's files, the prompts, template and decoding."""
     parts = {"folder": _fingerprint_folder(spec.folder),
              "delta": _fingerprint_folder(spec.delta) if spec.delta else None,
              "negate": spec.negate, "scale": spec.scale, "splits": splits,
-             "decoding": dataclasses.asdict(decoding), "template": PROMPT_TEMPLATE}
+             "decoding": dataclasses.asdict(decoding), "template": template.name}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -178,9 +178,10 @@ def model_specs(run: RunInfo, base: Path, options: EvalOptions) -> list[ModelSpe
 
 
 def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOptions,
-                  cache_dir: Path, work: Path, tokenizer_folder: Path) -> dict[str, list[str]]:
+                  template: Template, cache_dir: Path, work: Path,
+                  tokenizer_folder: Path) -> dict[str, list[str]]:
     """Each split's responses from the cache, or generated and cached."""
-    key = fingerprint(spec, splits, options.decoding)
+    key = fingerprint(spec, splits, options.decoding, template)
     path = cache_dir / f"{spec.label}-{key[:16]}.json"
     if path.is_file():
         cached = read_json(path)
@@ -189,7 +190,7 @@ def responses_for(spec: ModelSpec, splits: dict[str, list[str]], options: EvalOp
     with materialised(spec, work) as (folder, adapter):
         model, tokenizer = load_generator(folder, adapter, tokenizer_folder, options.dtype)
         prompts = [p for name in SPLITS for p in splits[name]]
-        flat = generate(model, tokenizer, prompts, options.decoding,
+        flat = generate(model, tokenizer, prompts, options.decoding, template,
                         desc=f"generating {spec.label}")
         release(model)
     responses, start = {}, 0
@@ -216,7 +217,8 @@ def _scorer(metric: str, factory, name: str, options: EvalOptions, not_computed:
         return None
 
 
-def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: dict) -> dict:
+def _perplexities(sets: dict, splits: dict, options: EvalOptions, template: Template,
+                  not_computed: dict) -> dict:
     """{label: {split: Perplexity}}, or {} when the reference model is not available."""
     from sku.evaluation.metrics import DEFAULT_PPL_MODEL, ReferenceLM
 
@@ -225,8 +227,11 @@ def _perplexities(sets: dict, splits: dict, options: EvalOptions, not_computed: 
     if reference is None:
         return {}
     conditioned = options.ppl_condition == "prompt"
+    if conditioned:
+        template.check(reference.tokenizer)
     return {label: {name: reference.perplexity(sets[label][name],
-                                               splits[name] if conditioned else None, desc=None)
+                                               splits[name] if conditioned else None, desc=None,
+                                               template=template)
                     for name in SPLITS}
             for label in progress(sets, desc="perplexity")}
 
@@ -298,6 +303,7 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     validate(options.decoding)
     folder = RunFolder(run_folder)
     run, splits = folder.info(), folder.splits()
+    template = TEMPLATES[run.template]
     try:
         base = taskvec.resolve(run.model, "original model")
     except taskvec.TaskVecError as e:
@@ -311,7 +317,7 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
         logger.info(f"responses of {spec.label} (step {spec.step})")
         cache_dir = Path(options.original_cache) if (
             spec.label == "original" and options.original_cache) else generations
-        sets[spec.label] = responses_for(spec, splits, options, cache_dir, out, base)
+        sets[spec.label] = responses_for(spec, splits, options, template, cache_dir, out, base)
 
     logger.info(f"judging with {judge.name}")
     cache = None
@@ -327,7 +333,7 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
 
     logger.info("perplexity and BLEURT")
     not_computed: dict[str, str] = {}
-    perplexities = _perplexities(sets, splits, options, not_computed)
+    perplexities = _perplexities(sets, splits, options, template, not_computed)
     bleurts = _bleurt(sets, options, not_computed)
 
     def model_metrics(spec: ModelSpec) -> dict:
@@ -344,7 +350,8 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
         "run": str(run_folder), "method": run.method, "model": run.model,
         "negate": run.negate, "scale": run.scale, "max_steps": run.max_steps, "eps": run.eps,
         "judge": {"name": judge.name, "prompt_version": PROMPT_VERSION},
-        "decoding": {**dataclasses.asdict(options.decoding), "template": PROMPT_TEMPLATE},
+        "decoding": {**dataclasses.asdict(options.decoding), "template": template.name,
+                     "stop": template.stop},
         "perplexity_model": {"model": options.ppl_model or DEFAULT_PPL_MODEL,
                              "conditioning": CONDITIONING[options.ppl_condition],
                              "aggregate": "corpus: exp(total NLL / total response tokens); "

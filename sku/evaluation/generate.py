@@ -1,17 +1,15 @@
-"""Responses of a model to prompts in the training template, with fixed decoding settings."""
+"""Responses of a model to prompts in the run's template, with fixed decoding settings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from sku.data.template import PROMPT_TEMPLATE
+from sku.data.template import PAPER, Template
 from sku.dtypes import default_device, resolve_dtype
 from sku.errors import SkuError, cannot_load
 from sku.log import progress
 from sku.settings import BOOL, INT, NUMBER, POSITIVE_INT, POSITIVE_NUMBER, Check, setting
-
-STOP_TEXT = "### Question:"  # the template's next turn: what follows is not this answer
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,6 @@ class Decoding:
                                        "a number in (0, 1]"))
     seed: int = setting(0, "seed of sampling", check=INT)
     batch_size: int = setting(8, "prompts per generate call", check=POSITIVE_INT)
-    stop: str = STOP_TEXT
 
 
 def load_generator(folder: Path, adapter: Path | None, tokenizer_folder: Path, dtype_name: str):
@@ -64,13 +61,13 @@ def release(model) -> None:
 
 
 def generate(model, tokenizer, prompts: list[str], decoding: Decoding,
-             desc: str = "generating") -> list[str]:
-    """Responses to `prompts` in the training template, in batches sorted by length. A model
+             template: Template = PAPER, desc: str = "generating") -> list[str]:
+    """Responses to `prompts` in `template` (the run's), in batches sorted by length. A model
     never generates past its context length (n_positions or max_position_embeddings)."""
     import torch
 
     torch.manual_seed(decoding.seed)
-    texts = [PROMPT_TEMPLATE.format(prompt=p) for p in prompts]
+    texts = [template.head(tokenizer, p) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     responses = [""] * len(texts)
     sampling = ({"temperature": decoding.temperature, "top_p": decoding.top_p}
@@ -81,7 +78,8 @@ def generate(model, tokenizer, prompts: list[str], decoding: Decoding,
                                                                None)
     for b in progress(range(0, len(order), decoding.batch_size), desc=desc):
         batch = order[b:b + decoding.batch_size]
-        inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True)
+        inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True,
+                           add_special_tokens=template.add_special_tokens)
         width = inputs["input_ids"].shape[1]
         room = context - width if context else decoding.max_new_tokens
         if room <= 0:
@@ -94,5 +92,5 @@ def generate(model, tokenizer, prompts: list[str], decoding: Decoding,
         new_tokens = output[:, width:]
         for i, text in zip(batch, tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
                            strict=True):
-            responses[i] = text.split(decoding.stop)[0].strip() if decoding.stop else text.strip()
+            responses[i] = (text.split(template.stop)[0] if template.stop else text).strip()
     return responses

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from sku.data.template import PAPER, Template
 from sku.errors import SkuError, cannot_load
 from sku.log import progress
 
@@ -51,7 +52,7 @@ class Perplexity:
 
 CONDITIONING = {
     "none": "each response alone, after the reference model's BOS (or EOS) token",
-    "prompt": "each response after its templated prompt ('### Question: …\\n ### Answer:')",
+    "prompt": "each response after its prompt, in the run's template",
 }
 
 
@@ -76,19 +77,19 @@ class ReferenceLM:
         tok = self.tokenizer
         self.start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
-    def _rows(self, responses: Sequence[str], prompts: Sequence[str] | None):
+    def _rows(self, responses: Sequence[str], prompts: Sequence[str] | None,
+              template: Template):
         """(token ids, index of the first scored position, truncated?) per response."""
-        from sku.data.template import PROMPT_TEMPLATE
-
         tokenize = self.tokenizer
         start = [] if self.start_id is None else [self.start_id]
         for i, response in enumerate(responses):
             if prompts is None:
                 context, text = start, response
-            else:
-                head = PROMPT_TEMPLATE.format(prompt=prompts[i])
-                context = start + tokenize(head, add_special_tokens=False)["input_ids"]
-                text = " " + response
+            else:  # a chat template writes its own start tokens
+                head = template.head(tokenize, prompts[i])
+                context = ((start if template.add_special_tokens else [])
+                           + tokenize(head, add_special_tokens=False)["input_ids"])
+                text = template.separator + response
             answer = tokenize(text, add_special_tokens=False)["input_ids"] if response else []
             ids = (context + answer)[:self.max_length]
             # The first token has no left context without a start token: it cannot be scored.
@@ -97,10 +98,11 @@ class ReferenceLM:
 
     @torch.no_grad()
     def perplexity(self, responses: Sequence[str], prompts: Sequence[str] | None = None,
-                   batch_size: int = 8, desc: str | None = "perplexity") -> Perplexity:
+                   batch_size: int = 8, desc: str | None = "perplexity",
+                   template: Template = PAPER) -> Perplexity:
         """Perplexity of each response (after its templated prompt, when given); `desc`
         names its progress bar, None shows none."""
-        rows = list(self._rows(responses, prompts))
+        rows = list(self._rows(responses, prompts, template))
         nll = [0.0] * len(rows)
         counts = [max(0, len(ids) - first) for ids, first, _ in rows]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # less padding

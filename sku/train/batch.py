@@ -16,6 +16,7 @@ import torch
 from sku.data.encoding import Encoded, answer_positions, encode, pad_batch, pad_id
 from sku.data.readers import Pair
 from sku.data.splits import Schedule
+from sku.data.template import PAPER, Template
 from sku.train.methods import Method, Term, token_weight
 
 
@@ -98,10 +99,11 @@ class StepBuilder:
     """Rows of every step for one method, from the training pools."""
 
     def __init__(self, method: Method, eps, pools: dict[str, list[Pair]], tokenizer, *,
-                 batch_size: int, k: int, max_length: int, seed: int):
+                 batch_size: int, k: int, max_length: int, seed: int,
+                 template: Template = PAPER):
         self.terms = method.active_terms(tuple(eps))
         self.pools = pools
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenizer, self.max_length, self.template = tokenizer, max_length, template
         self.batch_size, self.k, self.seed = batch_size, k, seed
         self.mismatch_pool = pools[method.mismatch_pool] if method.mismatch_pool else []
         kinds = {"forget" if t.rows == "mismatch" else t.rows for t, _ in self.terms}
@@ -137,7 +139,8 @@ class StepBuilder:
         batches = []
         for first in range(0, per_rank, micro_batch_size):
             rows = [row for example in mine[first:first + micro_batch_size] for row in example]
-            encoded = encode(self.tokenizer, [r.pair for r in rows], self.max_length)
+            encoded = encode(self.tokenizer, [r.pair for r in rows], self.max_length,
+                             self.template)
             batches.append(collate(rows, encoded, self.terms, batch_size=self.batch_size,
                                    pad_token_id=pad_id(self.tokenizer)))
         return batches

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from sku.data.template import TEMPLATES
 from sku.dtypes import DTYPES
 from sku.errors import SkuError, first_line
 from sku.settings import (
@@ -101,6 +102,10 @@ class UnlearnConfig:
     seed: int = setting(8888, "seed of the splits, the row schedule and the initialisation",
                         check=INT)
     max_length: int = setting(512, "tokens per row, prompt and answer", check=POSITIVE_INT)
+    template: str = setting("paper", "prompt format: the official code's '### Question: … "
+                                     "### Answer:', or the tokenizer's chat template (instruct "
+                                     "models); evaluation uses the run's", choices=list(TEMPLATES),
+                            check=one_of(*TEMPLATES))
     eval_size: int = setting(100, "prompts per evaluation split", check=NON_NEGATIVE_INT)
     # Trained weights stay fp32 under bf16/fp16 autocast (sku.train.model.master_dtype); a
     # LoRA run's frozen base is held in the compute dtype.

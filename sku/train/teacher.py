@@ -14,6 +14,7 @@ from torch import nn
 
 from sku.data.encoding import answer_positions, encode, pad_batch, pad_id
 from sku.data.readers import Pair
+from sku.data.template import PAPER, Template
 from sku.log import progress
 from sku.train.model import causal_lm, final_hidden_states
 
@@ -90,12 +91,12 @@ class TeacherCache:
 
 @torch.no_grad()
 def cache_teacher(module, pool: list[Pair], tokenizer, max_length: int, device,
-                  chunk: int = 16, bar: bool = True) -> TeacherCache:
+                  chunk: int = 16, bar: bool = True, template: Template = PAPER) -> TeacherCache:
     """θ_o's states on `pool` through `module.reference_hidden_states`, before training
     (`bar`: show a progress bar, on the main process)."""
     states = []
     for first in progress(range(0, len(pool), chunk), desc="teacher cache", disable=not bar):
-        encoded = encode(tokenizer, pool[first:first + chunk], max_length)
+        encoded = encode(tokenizer, pool[first:first + chunk], max_length, template)
         input_ids, attention_mask = pad_batch(encoded, pad_id(tokenizer))
         positions = [p for r, e in enumerate(encoded)
                      for p in answer_positions(e, r, input_ids.shape[1])]

@@ -15,6 +15,7 @@ import taskvec
 from sku.data.encoding import with_answers
 from sku.data.readers import load_forget, load_normal
 from sku.data.splits import hold_out, splits_json, visited_prompts
+from sku.data.template import TEMPLATES
 from sku.dtypes import resolve_dtype
 from sku.errors import SkuError, cannot_load, refuse_existing
 from sku.log import main_process_logger
@@ -85,7 +86,8 @@ def prepare_data(config: UnlearnConfig, method: Method, tokenizer):
     forget_pool, unseen = hold_out(forget.harmful, size, f"{seed}/unseen")
     normal_pool, normal_eval = hold_out(normal.pairs, size, f"{seed}/normal")
     unseen_prompts = {p.prompt for p in unseen}
-    forget_pool = with_answers(tokenizer, forget_pool, config.max_length)
+    template = TEMPLATES[config.template]
+    forget_pool = with_answers(tokenizer, forget_pool, config.max_length, template)
     if not forget_pool:
         raise SkuError(f"{forget.source}: no harmful pair keeps an answer token within "
                        f"max_length {config.max_length}")
@@ -97,7 +99,8 @@ def prepare_data(config: UnlearnConfig, method: Method, tokenizer):
         active.add(method.mismatch_pool)
 
     def used(kind: str, pairs: list) -> list:  # tokenised only when the method uses them
-        return with_answers(tokenizer, pairs, config.max_length) if kind in active else []
+        return (with_answers(tokenizer, pairs, config.max_length, template)
+                if kind in active else [])
 
     pools = {"forget": forget_pool, "normal": used("normal", normal_pool),
              "safe": used("safe", [p for p in forget.safe if p.prompt not in unseen_prompts])}
@@ -220,7 +223,8 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
     if not config.quantize:
         model.to(device)
     builder = StepBuilder(method, config.eps, pools, tokenizer, batch_size=config.batch_size,
-                          k=config.k, max_length=config.max_length, seed=config.seed)
+                          k=config.k, max_length=config.max_length,
+                          template=TEMPLATES[config.template], seed=config.seed)
     needs_reference = any(t.loss == "kl" for t, _ in builder.terms)
     module = TrainingModule(model, config.teacher if needs_reference else None,
                             precision.compute)
@@ -228,7 +232,8 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
     if module.teacher is not None and module.teacher.mode is TeacherMode.CACHE:
         with accelerator.autocast():  # θ_o's states as the student computes its own
             cache = cache_teacher(module, pools["normal"], tokenizer, config.max_length, device,
-                                  bar=accelerator.is_main_process)
+                                  bar=accelerator.is_main_process,
+                                  template=TEMPLATES[config.template])
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                   lr=config.lr, weight_decay=config.weight_decay)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -356,9 +361,10 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
     accelerator, precision = _accelerator(config)
     method, run = METHODS[config.method], RunFolder(config.out)
     micro = _micro_batch_size(config, accelerator.num_processes)
+    tokenizer = load_tokenizer(config.model)
+    TEMPLATES[config.template].check(tokenizer)
     changed = _prepare_folder(run, config, accelerator, resume=resume, force=force)
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(config.model)
     pools, splits, provenance = prepare_data(config, method, tokenizer)
     if accelerator.is_main_process and changed:
         record = run.read_run()

@@ -4,6 +4,7 @@ and scored outputs, and metrics that say "not computed" instead of inventing a n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import sku.evaluation.evaluate as evaluate
 from sku.cli import main
+from sku.data.template import PAPER
 from sku.errors import SkuError
 from sku.evaluation.evaluate import EvalOptions, ModelSpec, materialised
 from sku.evaluation.generate import Decoding, generate, load_generator
@@ -83,9 +85,9 @@ def eval_args(run, out, *extra):
 def count_generations(monkeypatch) -> list[int]:
     calls = []
 
-    def counting(model, tokenizer, prompts, decoding, **kwargs):
+    def counting(model, tokenizer, prompts, *args, **kwargs):
         calls.append(len(prompts))
-        return generate(model, tokenizer, prompts, decoding, **kwargs)
+        return generate(model, tokenizer, prompts, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "generate", counting)
     return calls
@@ -186,10 +188,11 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(run):
     model, tokenizer = load_generator(run / "base", None, run / "base", "float32")
     assert tokenizer.padding_side == "left"
     prompts = [p for prompts in SPLITS.values() for p in prompts]
-    one_by_one = generate(model, tokenizer, prompts, Decoding(max_new_tokens=8, batch_size=1,
-                                                              stop=""))
-    batched = generate(model, tokenizer, prompts, Decoding(max_new_tokens=8, batch_size=5,
-                                                           stop=""))
+    no_stop = dataclasses.replace(PAPER, stop=None)  # every generated token compared
+    one_by_one = generate(model, tokenizer, prompts, Decoding(max_new_tokens=8, batch_size=1),
+                          no_stop)
+    batched = generate(model, tokenizer, prompts, Decoding(max_new_tokens=8, batch_size=5),
+                       no_stop)
     assert batched == one_by_one and any(one_by_one)
 
 
