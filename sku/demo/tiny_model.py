@@ -10,10 +10,11 @@ import torch
 
 from sku.data.encoding import Encoded, answer_positions, encode, pad_batch, pad_id
 from sku.data.readers import Pair
-from sku.data.template import PROMPT_TEMPLATE
+from sku.data.template import PAPER, PROMPT_TEMPLATE, Template
 from sku.log import progress
 from sku.train.model import final_hidden_states
 from sku_kernels import linear_ce_kl
+from taskvec import OutputDir
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 MAX_LENGTH = 64
@@ -40,7 +41,12 @@ def train_tokenizer(texts: list[str], folder: Path):
 def pretrain(folder: Path, pairs: list[Pair], steps: int, seed: int = 0) -> None:
     """θ_o: a tiny LLaMA that learns every pair, prompt and answer, from random init. Its
     sequences end in EOS, so that its answers end (generation stops there); the unlearning
-    rows keep the official template, without EOS."""
+    rows keep the official template, without EOS. `folder` appears complete or not at all."""
+    with OutputDir(folder, force=True) as tmp:
+        _pretrain(tmp, pairs, steps, seed)
+
+
+def _pretrain(folder: Path, pairs: list[Pair], steps: int, seed: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_tokenizer([text for p in pairs for text in (p.prompt, p.response)], folder)
@@ -65,13 +71,14 @@ def pretrain(folder: Path, pairs: list[Pair], steps: int, seed: int = 0) -> None
 
 
 @torch.no_grad()
-def answer_loss(model_dir: Path, pairs: list[Pair]) -> float:
-    """Mean cross-entropy per answer token of the pairs under the model."""
+def answer_loss(model_dir: Path, pairs: list[Pair], max_length: int = MAX_LENGTH,
+                template: Template = PAPER) -> float:
+    """Mean cross-entropy per answer token of the pairs under the model (fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = encode(tokenizer, pairs, MAX_LENGTH)
+    encoded = encode(tokenizer, pairs, max_length, template)
     input_ids, attention_mask = pad_batch(encoded, pad_id(tokenizer))
     positions = [p for r, e in enumerate(encoded)
                  for p in answer_positions(e, r, input_ids.shape[1])]

@@ -326,7 +326,7 @@ def test_refused_settings(llama, tmp_path, capsys, extra, needle):
 
 
 def test_demo_quick(tmp_path, capsys):
-    from sku.demo.study import RUNS
+    from sku.demo.studies import TINY
 
     demo = tmp_path / "demo"
     assert main(["demo", "--out", str(demo), "--quick"]) == 0
@@ -353,13 +353,19 @@ def test_demo_quick(tmp_path, capsys):
     for figure in ("harmful_rate_unlearned", "harmful_rate_unseen", "perplexity_normal"):
         assert figure + ".png" in report["figures"]
         assert (demo / "report" / f"{figure}.png").stat().st_size > 0
-    for name in RUNS:
+    for name in TINY.runs:
         metrics = json.loads((demo / "runs" / name / "eval" / "metrics.json").read_text())
         assert [m["step"] for m in metrics["steps"]] == [0, 4, 8]  # Figure 3's points
         assert (demo / "runs" / name / "model" / "config.json").is_file()
     losses = json.loads((demo / "answer_loss.json").read_text())["answer_loss"]
     assert losses["ga"]["unlearned_harmful"] > losses["original"]["unlearned_harmful"]
-    assert main(["demo", "--out", str(demo), "--quick"]) == 1  # no --force: kept
+    finished = {p: p.stat().st_mtime_ns for p in demo.rglob("*") if p.is_file()
+                and "report" not in p.parts and p.name not in ("study.json", "answer_loss.md",
+                                                               "answer_loss.json")}
+    assert main(["demo", "--out", str(demo), "--quick"]) == 0  # a rerun continues: all done
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # nothing trained again
+    assert main(["demo", "--out", str(demo)]) == 1  # another budget: refused, kept
+    assert "made by another study or budget" in capsys.readouterr().err
 
 
 def test_help_lists_every_subcommand(capsys):
