@@ -224,7 +224,7 @@ def run_report(args: argparse.Namespace) -> None:
     from sku.evaluation.report import write_report
 
     report = write_report(args.inputs, args.out, force=args.force)
-    print(f"sku report: {len(report['rows']) - 1} methods (judge {report['judge']}); "
+    print(f"sku report: {report['runs']} runs (judge {report['judge']}); "
           f"{Path(args.out) / 'report.md'}")
 
 
