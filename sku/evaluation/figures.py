@@ -28,9 +28,11 @@ METRIC_OF_KIND = {"rate": "judge", "perplexity": "perplexity", "bleurt": "bleurt
 DEGENERATE = ("> 10^3", "empty")
 DEGENERATE_TEXT = {"> 10^3": "> 10³", "empty": "all responses empty"}
 SKU_COLOR = "tab:orange"  # the paper draws SKU in orange; the other methods never are
-PALETTE = ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-           "tab:olive", "tab:cyan")
-MARKERS = ("s", "D", "^", "v", "P", "X", "<", ">", "h")  # fuller shapes first: larger
+# The same colour and marker for a method in every report; fuller shapes first (see _styles).
+METHOD_STYLES = {"ft": ("tab:blue", "s"), "ga": ("tab:green", "D"),
+                 "ga_mismatch": ("tab:red", "^"), "task_vector": ("tab:purple", "v")}
+OTHER_STYLES = (("tab:brown", "P"), ("tab:pink", "X"), ("tab:gray", "<"), ("tab:olive", ">"),
+                ("tab:cyan", "h"))
 CAPTION = (
     "Figure 3 (as in the paper): harmful rates (percent, judged) on (a) unlearned and (b) unseen "
     "harmful prompts, (c) perplexity (eq. 9, mean over responses) and (d) BLEURT on normal "
@@ -82,19 +84,24 @@ def figure3_data(evaluations: list[dict], labels: list[str]) -> dict:
 
 
 def _styles(curves: list[dict]) -> dict[str, dict]:
-    """A colour and marker per method, the same in every panel; full SKU highlighted."""
-    styles, others = {}, 0
+    """A colour and marker per method, the same in every panel; full SKU thick and on top.
+    Each later method's markers are a little smaller, so equal values stay visible."""
+    styles: dict[str, dict] = {}
     for curve in curves:
-        if curve["label"] in styles:
+        label, method = curve["label"], curve["method"]
+        if label in styles:
             continue
-        if curve["method"] == "sku" and curve["label"] == "SKU":
-            styles[curve["label"]] = dict(color=SKU_COLOR, marker="o", linewidth=2.8,
-                                          markersize=7, zorder=10)
-        else:  # each later method's markers a little smaller: equal values stay visible
-            styles[curve["label"]] = dict(color=PALETTE[others % len(PALETTE)],
-                                          marker=MARKERS[others % len(MARKERS)], linewidth=1.4,
-                                          markersize=max(8.0 - 1.2 * others, 4), zorder=3)
-            others += 1
+        if method == "sku" and label == "SKU":
+            styles[label] = dict(color=SKU_COLOR, marker="o", linewidth=2.8, markersize=7,
+                                 zorder=10)
+            continue
+        others = sum(1 for s in styles.values() if s["zorder"] < 10)
+        taken = {(s["color"], s["marker"]) for s in styles.values()}
+        color, marker = METHOD_STYLES.get(method, OTHER_STYLES[0])
+        if (color, marker) in taken or method not in METHOD_STYLES:  # e.g. a second FT run
+            color, marker = next((s for s in OTHER_STYLES if s not in taken), OTHER_STYLES[0])
+        styles[label] = dict(color=color, marker=marker, linewidth=1.4,
+                             markersize=max(8.0 - 1.2 * others, 4), zorder=3)
     return styles
 
 
@@ -171,7 +178,11 @@ def draw_figure3(data: dict):
                               markerfacecolor="white" if hollow else style["color"],
                               markeredgewidth=1.6 if hollow else 1)
         axes.set_xlabel("training step")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        steps = sorted({step for c in panel["curves"] for step, *_ in c["points"]})
+        if len(steps) <= 12:  # the evaluated steps themselves, as the paper's axes
+            axes.set_xticks(steps)
+        else:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
     handles = [Line2D([], [], color=s["color"], marker=s["marker"], linewidth=s["linewidth"],
                       markersize=s["markersize"], label=label) for label, s in styles.items()]
