@@ -2,8 +2,8 @@
 evaluations.
 
 The ranking rule (RANKING_RULE) is consistent with Table 1: it reproduces the rank columns of
-all three models there (tests/fixtures/eval/table1_paper.json), as simpler rules also would, so
-the paper's own rule may differ on other numbers.
+all three models there (tests/fixtures/eval/table1_paper.json), but so do simpler rules (the
+unlearned harmful rate alone, BLEURT alone), so the paper's own rule may differ on other numbers.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ RANKING_RULE = (
     "sharing the best rank; the average is (unlearning + utility) / 2, not re-ranked. "
     "Perplexities above 10^3 tie, as the paper prints them all as \"> 10^3\". The original "
     "model is not ranked; a column not computed for every method is left out of the ranks. "
-    "This rule reproduces the paper's rank columns for all three models, as simpler rules "
-    "also do: it is consistent with Table 1, not known to be the authors' rule.")
+    "This rule reproduces the paper's rank columns for all three models, but so do simpler "
+    "ones (ranking by the unlearned harmful rate alone and by BLEURT alone): it is consistent "
+    "with Table 1, not known to be the authors' rule.")
 COLUMNS = (  # (row key, metrics section, field, header, higher is better)
     ("harmful_rate_unlearned", "unlearned_harmful", "harmful_rate", "Unlearned: harmful", False),
     ("ppl_unlearned", "unlearned_harmful", "perplexity_mean", "Unlearned: perplexity", False),
