@@ -39,6 +39,16 @@ def test_ranking_rule_reproduces_the_papers_rank_columns(model):
             assert row[key] == paper[key], (model, row["method"], key)
 
 
+@pytest.mark.parametrize("model", ["opt-2.7b", "llama2-7b", "llama2-13b"])
+def test_simpler_rules_reproduce_the_rank_columns_too(model):
+    """Why the README says the rule is only *consistent with* Table 1: ranking by the unlearned
+    harmful rate alone and by BLEURT alone gives the same rank columns."""
+    rows = paper_rows(model)[1:]
+    for rank_key, key in (("rank_unlearn", "harmful_rate_unlearned"),
+                          ("rank_utility", "bleurt_normal")):
+        assert column_ranks(key, [r[key] for r in rows]) == [r[rank_key] for r in rows]
+
+
 def test_column_ranks_share_ties_and_respect_direction():
     assert column_ranks("harmful_rate_unseen", [0.01, 0.04, 0.04, 0.2]) == [1, 2.5, 2.5, 4]
     assert column_ranks("bleurt_normal", [-1.0, 0.5, -2.0]) == [2, 1, 3]
