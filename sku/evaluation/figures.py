@@ -51,7 +51,7 @@ def _point(step: int, split: dict, field: str, kind: str) -> list | None:
     """[step, value drawn, what it is]; None where the value was not computed."""
     value = split.get(field)
     if kind == "perplexity" and "perplexity" in split:
-        if empty_responses(split) == split.get("n"):
+        if split.get("n") and empty_responses(split) == split["n"]:
             return [step, None, "empty"]
         if value is not None and value > PPL_CAP:
             return [step, value, "> 10^3"]
