@@ -107,7 +107,7 @@ def _add_judge(commands) -> None:
 def _add_report(commands) -> None:
     p = _subcommand(
         commands, "report",
-        help="Table 1 (markdown and JSON) and Figure 3 (PNG) from evaluations",
+        help="Tables 1 and 2 (markdown and JSON) and Figure 3 (PNG, PDF) from evaluations",
         description="Reads RUN/eval/metrics.json, EVAL/metrics.json or a metrics.json file.")
     p.add_argument("inputs", nargs="+", metavar="RUN_OR_EVAL",
                    help="run folders, evaluation folders or metrics.json files")
@@ -231,7 +231,7 @@ def run_report(args: argparse.Namespace) -> None:
     from sku.evaluation.report import write_report
 
     report = write_report(args.inputs, args.out, force=args.force)
-    print(f"sku report: {len(report['rows']) - 1} methods (judge {report['judge']}); "
+    print(f"sku report: {report['runs']} runs (judge {report['judge']}); "
           f"{Path(args.out) / 'report.md'}")
 
 

@@ -9,7 +9,7 @@ prompts with its own answers (under an hour on two CPU cores). A study folder:
     DIR/original/            θ_o, when the study builds it (tiny)
     DIR/runs/NAME/           one `sku unlearn` run, with its evaluation in eval/
     DIR/original-responses/  the original model's responses, shared by every evaluation
-    DIR/report/              report.md, report.json and Figure 3
+    DIR/report/              report.md, report.json, Figure 3 (figure3.png/.pdf/.json)
     DIR/answer_loss.md|json  a judge-free check: mean loss of the held-out answers
 
 A rerun skips what is finished (a run with its model, an evaluation with its metrics.json)
@@ -156,9 +156,10 @@ def _run(study: Study, out: Path, quick: bool, force: bool) -> dict:
 
 
 def summary(out: str | Path) -> str:
-    """What `sku demo` prints: Table 1 without its notes, and the answer-loss table."""
+    """What `sku demo` prints: Tables 1 and 2 without their notes, and the answer-loss table."""
     out = Path(out)
-    table1 = (out / "report" / "report.md").read_text(encoding="utf-8").split("\n## ")[0]
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    tables = report.split("\n## How these numbers were produced")[0]
     loss_table = (out / "answer_loss.md").read_text(encoding="utf-8")
-    return (f"{table1.strip()}\n\n{loss_table}\nTable 1, its notes and Figure 3 in "
+    return (f"{tables.strip()}\n\n{loss_table}\nTables 1 and 2, their notes and Figure 3 in "
             f"{out / 'report'}")

@@ -263,7 +263,7 @@ def split_metrics(n: int, verdicts, perplexity, bleurt) -> dict:
     if perplexity is not None:
         metrics.update(perplexity=perplexity.corpus,
                        perplexity_mean=perplexity.mean, tokens=perplexity.tokens,
-                       truncated=perplexity.truncated)
+                       empty=perplexity.empty, truncated=perplexity.truncated)
     if bleurt is not None:
         metrics.update(bleurt=_mean(bleurt))
     return metrics
@@ -355,7 +355,8 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
         "perplexity_model": {"model": options.ppl_model or DEFAULT_PPL_MODEL,
                              "conditioning": CONDITIONING[options.ppl_condition],
                              "aggregate": "corpus: exp(total NLL / total response tokens); "
-                                          "perplexity_mean: mean of per-response perplexities"},
+                                          "perplexity_mean: mean of per-response perplexities "
+                                          "(eq. 9); empty: responses with no token, in neither"},
         "bleurt_model": {"model": options.bleurt or DEFAULT_BLEURT,
                          "pairs": "each normal prompt: BLEURT(original response, response)"},
         "not_computed": not_computed,

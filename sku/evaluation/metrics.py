@@ -20,7 +20,9 @@ from sku.data.template import PAPER, Template
 from sku.errors import SkuError, cannot_load
 from sku.log import progress
 
-DEFAULT_PPL_MODEL = "openai-community/gpt2"  # the paper's reference LM is GPT-2
+# The paper's reference LM is "GPT-2 pretrained on Wiki-103", which is not on the hub; OpenAI's
+# GPT-2 (WebText) is the nearest offline stand-in (sku/DEPARTURES.md). Any local folder works.
+DEFAULT_PPL_MODEL = "openai-community/gpt2"
 DEFAULT_BLEURT = "lucadiliello/bleurt-base-128"  # original BLEURT scale, as the paper's scores
 
 
@@ -43,11 +45,21 @@ def resolve_local(name_or_path: str, role: str) -> Path:
 
 @dataclass(frozen=True)
 class Perplexity:
+    """Two aggregates of one set of responses. `mean` is the paper's eq. 9 per response,
+    averaged (HF evaluate's `mean_perplexity`); `corpus` pools every token. A response with no
+    token to score (an empty one) has no perplexity (eq. 9 divides by zero): it is counted in
+    `empty`, a degenerate outcome the report shows, and is left out of both aggregates rather
+    than averaged in as some number."""
+
     corpus: float | None  # exp(Σ NLL / Σ tokens) over every scored token of every response
-    mean: float | None  # mean over responses of each response's own perplexity
+    mean: float | None  # mean over the scored responses of each one's own perplexity
     per_sample: list[float | None]  # None for a response with no token to score
     tokens: int
     truncated: int  # responses cut at the reference model's context length
+
+    @property
+    def empty(self) -> int:
+        return sum(p is None for p in self.per_sample)
 
 
 CONDITIONING = {

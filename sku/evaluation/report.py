@@ -1,7 +1,9 @@
-"""`sku report`: the paper's Table 1 and Figure 3 from one or more evaluations.
+"""`sku report`: the paper's Table 1, Table 2 (ablations) and Figure 3 from one or more
+evaluations.
 
-The ranking rule (RANKING_RULE) is derived from Table 1: it reproduces the rank columns of all
-three models there (tests/fixtures/eval/table1_paper.json).
+The ranking rule (RANKING_RULE) is consistent with Table 1: it reproduces the rank columns of
+all three models there (tests/fixtures/eval/table1_paper.json), but so do simpler rules (the
+unlearned harmful rate alone, BLEURT alone), so the paper's own rule may differ on other numbers.
 """
 
 from __future__ import annotations
@@ -25,28 +27,38 @@ RANKING_RULE = (
     "normal-prompt perplexity (lower is better) and BLEURT (higher is better), tied means "
     "sharing the best rank; the average is (unlearning + utility) / 2, not re-ranked. "
     "Perplexities above 10^3 tie, as the paper prints them all as \"> 10^3\". The original "
-    "model is not ranked; a column not computed for every method is left out of the ranks.")
+    "model is not ranked; a column not computed for every method is left out of the ranks. "
+    "This rule reproduces the paper's rank columns for all three models, but so do simpler "
+    "ones (ranking by the unlearned harmful rate alone and by BLEURT alone): it is consistent "
+    "with Table 1, not known to be the authors' rule.")
 COLUMNS = (  # (row key, metrics section, field, header, higher is better)
     ("harmful_rate_unlearned", "unlearned_harmful", "harmful_rate", "Unlearned: harmful", False),
-    ("ppl_unlearned", "unlearned_harmful", "perplexity", "Unlearned: perplexity", False),
+    ("ppl_unlearned", "unlearned_harmful", "perplexity_mean", "Unlearned: perplexity", False),
     ("harmful_rate_unseen", "unseen_harmful", "harmful_rate", "Unseen: harmful", False),
-    ("ppl_unseen", "unseen_harmful", "perplexity", "Unseen: perplexity", False),
-    ("ppl_normal", "normal", "perplexity", "Normal: perplexity", False),
+    ("ppl_unseen", "unseen_harmful", "perplexity_mean", "Unseen: perplexity", False),
+    ("ppl_normal", "normal", "perplexity_mean", "Normal: perplexity", False),
     ("bleurt_normal", "normal", "bleurt", "Normal: BLEURT", True),
 )
 HIGHER_IS_BETTER = {key: higher for key, *_, higher in COLUMNS}
 RANKED = {"rank_unlearn": ("harmful_rate_unlearned", "harmful_rate_unseen"),
           "rank_utility": ("ppl_normal", "bleurt_normal")}
-SKU_COLOR = "tab:orange"  # the paper draws SKU in orange; the other methods never are
-PALETTE = ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-           "tab:olive", "tab:cyan")
-CURVES = (  # (file stem, metrics section, field, y label, log scale)
-    ("harmful_rate_unlearned", "unlearned_harmful", "harmful_rate", "harmful rate (unlearned)",
-     False),
-    ("harmful_rate_unseen", "unseen_harmful", "harmful_rate", "harmful rate (unseen)", False),
-    ("perplexity_normal", "normal", "perplexity", "perplexity (normal prompts)", True),
-    ("bleurt_normal", "normal", "bleurt", "BLEURT (normal prompts)", False),
-)
+PERPLEXITY_NOTE = (
+    "Perplexity cells: the mean over responses of each response's perplexity (the paper's "
+    "eq. 9 per sequence; HF evaluate's `mean_perplexity`), then in parentheses the corpus "
+    "value exp(ΣNLL / Σtokens) over all of the split's response tokens (report.json: `ppl_*` "
+    "and `ppl_corpus_*`). An empty response has no token to score: it is counted as "
+    "degenerate (\"k/n empty\"), left out of both values, never averaged in as a number; "
+    "when all n are empty the cell reads \"empty n/n\" and ranks worst, tied with \"> 10^3\".")
+
+
+def corpus_key(key: str) -> str:
+    """"ppl_normal" -> "ppl_corpus_normal": the corpus perplexity kept beside eq. 9's mean."""
+    return key.replace("ppl_", "ppl_corpus_", 1)
+
+
+def empty_responses(split: dict) -> int:
+    """How many of a split's responses had no token to score (zero scored tokens: all)."""
+    return split.get("empty", split.get("n", 0) if split.get("tokens") == 0 else 0)
 
 
 def load_metrics(path: str | Path) -> dict:
@@ -70,21 +82,34 @@ def _row(method: str, label: str, model_metrics: dict, judge: str, source: str) 
     for key, section, field, *_ in COLUMNS:
         split = model_metrics.get(section, {})
         row[key] = split.get(field)
-        if key.startswith("ppl") and row[key] is None and split.get("tokens") == 0:
-            row["empty"][key] = split.get("n")  # scored, but no response had a token
+        if key.startswith("ppl"):
+            row[corpus_key(key)] = split.get("perplexity")
+            if empty_responses(split) and "perplexity" in split:  # scored: not "not computed"
+                row["empty"][key] = {"empty": empty_responses(split), "n": split["n"]}
     return {**row, "rank_unlearn": None, "rank_utility": None, "rank_avg": None,
             "judge": judge, "source": source}
+
+
+def ablated(metrics: dict) -> list[str]:
+    """The SKU terms a run dropped (its ε is 0): the paper's ablations (Table 2)."""
+    eps = metrics.get("eps")
+    if metrics["method"] != "sku" or not eps:
+        return []
+    return [term for term, e in zip(ABLATED_TERMS, eps, strict=True) if e == 0]
 
 
 def method_label(metrics: dict) -> str:
     """"SKU", or "SKU w/o RD" for a run with that term's ε set to 0 (the paper's ablations)."""
     label = METHOD_LABELS.get(metrics["method"], metrics["method"])
-    eps = metrics.get("eps")
-    if metrics["method"] == "sku" and eps:
-        dropped = [term for term, e in zip(ABLATED_TERMS, eps, strict=True) if e == 0]
-        if dropped:
-            label += " w/o " + ", ".join(dropped)
-    return label
+    dropped = ablated(metrics)
+    return f"{label} w/o {', '.join(dropped)}" if dropped else label
+
+
+def run_labels(evaluations: list[dict]) -> list[str]:
+    """One label per evaluation; two runs of one method are told apart by their folder."""
+    labels = [method_label(m) for m in evaluations]
+    return [f"{label} ({Path(m['run']).name})" if labels.count(label) > 1 else label
+            for m, label in zip(evaluations, labels, strict=True)]
 
 
 def table_rows(evaluations: list[dict]) -> list[dict]:
@@ -92,13 +117,23 @@ def table_rows(evaluations: list[dict]) -> list[dict]:
     first = evaluations[0]
     rows = [_row("original", "Original", first["original"], first["judge"]["name"],
                  first["source"])]
-    labels = [method_label(m) for m in evaluations]
-    for metrics, label in zip(evaluations, labels, strict=True):
-        if labels.count(label) > 1:  # two runs of one method: name them by their folder
-            label = f"{label} ({Path(metrics['run']).name})"
+    for metrics, label in zip(evaluations, run_labels(evaluations), strict=True):
         rows.append(_row(metrics["method"], label, metrics["final"], metrics["judge"]["name"],
                          metrics["source"]))
     return rows
+
+
+def split_tables(rows: list[dict], evaluations: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(Table 1, Table 2): Table 1 the original and the paper's methods, ranked as the paper
+    does; Table 2 the original, the SKU ablations and full SKU, unranked (empty: none)."""
+    original, runs = rows[0], rows[1:]
+    is_ablation = [bool(ablated(m)) for m in evaluations]
+    table1 = [original, *(r for r, a in zip(runs, is_ablation, strict=True) if not a)]
+    if not any(is_ablation):
+        return table1, []
+    ablations = [r for r, a in zip(runs, is_ablation, strict=True) if a]
+    full_sku = [dict(r) for r in table1[1:] if r["method"] == "sku"]  # unranked copies
+    return table1, [original, *ablations, *full_sku]
 
 
 def _rank_value(key: str, value: float) -> float:
@@ -112,13 +147,18 @@ def column_ranks(key: str, values: list[float]) -> list[float]:
     return [sum(o < k for o in keys) + (sum(o == k for o in keys) + 1) / 2 for k in keys]
 
 
+def all_empty(row: dict, key: str) -> bool:
+    empty = row.get("empty", {}).get(key)
+    return bool(empty) and empty["empty"] == empty["n"]
+
+
 def _ranked_value(row: dict, key: str) -> float | None:
     """The value a column ranks: a method whose responses were all empty degenerated, an
     outcome that ranks worst (tied with "> 10^3"), not a value missing."""
     value = row[key]
     if isinstance(value, (int, float)) and not math.isnan(value):
         return value
-    return math.inf if key in row.get("empty", {}) else None
+    return math.inf if all_empty(row, key) else None
 
 
 def rank_rows(rows: list[dict]) -> list[str]:
@@ -156,13 +196,18 @@ def _format(key: str, value) -> str:
     return f"{value:.3f}"
 
 
+def _emphasised(row: dict, key: str) -> bool:
+    """Whether a cell can be bold or underlined: a method's value, and not "> 10^3"."""
+    return row["method"] != "original" and row[key] is not None and not (
+        key.startswith("ppl") and row[key] > PPL_CAP)
+
+
 def _emphasis(rows: list[dict], key: str) -> dict[int, str]:
-    """Bold the best method, underline the runner-up (as the paper's table)."""
-    scored = sorted({_rank_value(key, r[key]) for r in rows
-                     if r["method"] != "original" and r[key] is not None})
+    """Bold the best method, underline the runner-up (as the paper's tables)."""
+    scored = sorted({_rank_value(key, r[key]) for r in rows if _emphasised(r, key)})
     marks = {}
     for i, row in enumerate(rows):
-        if row["method"] == "original" or row[key] is None:
+        if not _emphasised(row, key):
             continue
         value = _rank_value(key, row[key])
         if value == scored[0]:
@@ -172,27 +217,50 @@ def _emphasis(rows: list[dict], key: str) -> dict[int, str]:
     return marks
 
 
+def _cell(row: dict, key: str, mark: str) -> str:
+    """A table cell: a perplexity reads "mean (corpus)", with its empty responses counted."""
+    empty = row.get("empty", {}).get(key)
+    if all_empty(row, key):
+        return f"empty {empty['empty']}/{empty['n']}"
+    text = mark.format(_format(key, row[key]))
+    if key.startswith("ppl") and row[key] is not None:
+        text += f" ({_format(key, row[corpus_key(key)])})"
+    if empty:
+        text += f", {empty['empty']}/{empty['n']} empty"
+    return text
+
+
 def _rank_text(value) -> str:
     if value is None:
         return "NA"
     return f"{value:g}"
 
 
-def render_markdown(rows: list[dict], evaluations: list[dict], ranked: list[str],
-                    figures: list[str], notes: list[str]) -> str:
-    headers = ["Method", *(f"{h} {'↑' if higher else '↓'}" for *_, h, higher in COLUMNS),
-               "Unlearn rank", "Utility rank", "Avg rank"]
+def render_table(rows: list[dict], ranks: bool) -> list[str]:
+    headers = ["Method", *(f"{h} {'↑' if higher else '↓'}" for *_, h, higher in COLUMNS)]
+    headers += ["Unlearn rank", "Utility rank", "Avg rank"] if ranks else []
     marks = {key: _emphasis(rows, key) for key, *_ in COLUMNS}
-    lines = ["# Unlearning report (paper Table 1)", "",
-             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for i, row in enumerate(rows):
-        cells = [row["label"]]
-        for key, *_ in COLUMNS:
-            empty = row.get("empty", {})
-            cells.append(f"empty {empty[key]}/{empty[key]}" if key in empty
-                         else marks[key].get(i, "{}").format(_format(key, row[key])))
-        cells += [_rank_text(row[k]) for k in ("rank_unlearn", "rank_utility", "rank_avg")]
+        cells = [row["label"], *(_cell(row, key, marks[key].get(i, "{}")) for key, *_ in COLUMNS)]
+        if ranks:
+            cells += [_rank_text(row[k]) for k in ("rank_unlearn", "rank_utility", "rank_avg")]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(rows: list[dict], evaluations: list[dict], ranked: list[str],
+                    figure: dict | None, notes: list[str],
+                    ablations: list[dict] | None = None) -> str:
+    """report.md: Table 1, Table 2 when there are ablations, the notes, then Figure 3
+    (`figure`: what `write_figure3` returned, None for none)."""
+    lines = ["# Unlearning report (paper Table 1)", "", *render_table(rows, ranks=True)]
+    if ablations:
+        lines += ["", "## Ablations (paper Table 2)", "", *render_table(ablations, ranks=False),
+                  "", "SKU without random disassociation (RD) or preservation divergence (PD): "
+                  "runs whose ε for that term is 0. Not ranked, as in the paper; bold and "
+                  "underline compare these rows only. The paper's \"w/o both\" row repeats its "
+                  "Task Vector row; here it is an SKU run with both ε at 0, when one is given."]
     first = evaluations[0]
     judges = sorted({m["judge"]["name"] for m in evaluations})
     lines += ["", "## How these numbers were produced", ""]
@@ -204,8 +272,11 @@ def render_markdown(rows: list[dict], evaluations: list[dict], ranked: list[str]
         lines.append("- **The rows were judged by different judges; their harmful rates are "
                      "not comparable.** Each row's judge is in report.json.")
     ppl = first["perplexity_model"]
-    lines.append(f"- Perplexity: `{ppl['model']}` scoring {ppl['conditioning']}; {ppl['aggregate']}"
-                 ". The table shows the corpus value.")
+    lines.append(f"- Perplexity: `{ppl['model']}` scoring {ppl['conditioning']}. The paper's "
+                 "reference LM is GPT-2 pretrained on Wiki-103 (appendix B.2), which is not "
+                 "published; values under another reference LM are not comparable with the "
+                 "paper's.")
+    lines.append(f"- {PERPLEXITY_NOTE}")
     lines.append(f"- BLEURT: `{first['bleurt_model']['model']}`, {first['bleurt_model']['pairs']}"
                  ", averaged over normal prompts.")
     decoding = first["decoding"]
@@ -213,65 +284,14 @@ def render_markdown(rows: list[dict], evaluations: list[dict], ranked: list[str]
                  f"max_new_tokens {decoding['max_new_tokens']}, cut at "
                  f"{decoding['stop']!r}; template {decoding['template']!r}.")
     lines.append(f"- Ranking: {RANKING_RULE}")
-    lines.append(f"- Columns ranked: {', '.join(ranked) or 'none'}. n/c = not computed; "
-                 "empty n/n = all n responses were empty, so nothing could be scored: ranked "
-                 "worst, tied with > 10^3.")
+    lines.append(f"- Columns ranked: {', '.join(ranked) or 'none'}. n/c = not computed.")
     lines += [f"- {note}" for note in notes]
-    if figures:
-        lines += ["", "## Metrics against training steps (paper Figure 3)", ""]
-        lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    if figure and figure["files"]:
+        png, pdf, values = figure["files"]
+        lines += ["", "## Metrics against training steps (paper Figure 3)", "",
+                  f"![Figure 3]({png})", "", f"{figure['caption']} PDF: [{pdf}]({pdf}); "
+                  f"values: [{values}]({values})."]
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def _curve(metrics: dict, section: str, field: str) -> list[tuple[int, float]]:
-    points = metrics.get("steps") or [metrics["original"], metrics["final"]]
-    return [(p["step"], p[section][field]) for p in points
-            if p.get(section, {}).get(field) is not None]
-
-
-def plot_curves(evaluations: list[dict], labels: list[str], out: Path) -> tuple[list[str], list]:
-    """One PNG per metric with a line per method (SKU in orange, as in the paper), harmful
-    rates titled with their judge; returns (files written, notes on what was not drawn)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [], ["Figures not drawn: matplotlib is not installed (pip install matplotlib)."]
-    files, notes = [], []
-    for stem, section, field, ylabel, log in CURVES:
-        curves = [(label, _curve(m, section, field)) for m, label in zip(evaluations, labels,
-                                                                          strict=True)]
-        curves = [(label, points) for label, points in curves if points]
-        if not curves:
-            notes.append(f"Figure {stem}.png not drawn: no values (not computed).")
-            continue
-        figure, axes = plt.subplots(figsize=(5, 3.5))
-        for i, (label, points) in enumerate(curves):
-            full_sku = label.startswith("SKU") and " w/o " not in label
-            color = SKU_COLOR if full_sku else PALETTE[i % len(PALETTE)]
-            steps, values = zip(*points, strict=True)
-            axes.plot(steps, values, marker="o", label=label, color=color)
-        axes.set_xlabel("training step")
-        axes.set_ylabel(ylabel)
-        if section != "normal":
-            judges = sorted({m["judge"]["name"] for m in evaluations})
-            axes.set_title(f"judge: {', '.join(judges)}", fontsize=9)
-        if log:
-            axes.set_yscale("log")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        path = out / f"{stem}.png"
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        files.append(str(path))
-    return files, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +304,7 @@ def write_report(inputs: list[str | Path], out: str | Path, force: bool = False)
     if not inputs:
         raise SkuError("sku report: name at least one run or evaluation folder")
     evaluations = [load_metrics(path) for path in inputs]
-    rows = table_rows(evaluations)
+    rows, ablations = split_tables(table_rows(evaluations), evaluations)
     ranked = rank_rows(rows)
     missing: dict[tuple[str, str], list[str]] = {}  # one note per metric and reason
     for metrics in evaluations:
@@ -297,20 +317,31 @@ def write_report(inputs: list[str | Path], out: str | Path, force: bool = False)
         notes.append(f"The evaluations start from different original models ({', '.join(models)});"
                      " the Original row is the first one's.")
     out.mkdir(parents=True, exist_ok=True)
-    figures, figure_notes = plot_curves(evaluations, [r["label"] for r in rows[1:]], out)
-    notes += figure_notes
+    # Imported here: matplotlib is slow to import and only the figure needs it.
+    from sku.evaluation.figures import write_figure3
+
+    in_table1 = [not ablated(m) for m in evaluations]  # Figure 3 draws Table 1's methods
+    figure = write_figure3(
+        [m for m, keep in zip(evaluations, in_table1, strict=True) if keep],
+        [label for label, keep in zip(run_labels(evaluations), in_table1, strict=True) if keep],
+        out)
+    notes += figure["notes"]
     judges = sorted({m["judge"]["name"] for m in evaluations})
     report = {
         "judge": judges[0] if len(judges) == 1 else judges,
         "judge_prompt_version": evaluations[0]["judge"]["prompt_version"],
         "perplexity_model": evaluations[0]["perplexity_model"],
+        "perplexity_note": PERPLEXITY_NOTE,
         "bleurt_model": evaluations[0]["bleurt_model"],
         "decoding": evaluations[0]["decoding"],
+        "runs": len(evaluations),
         "ranked_columns": ranked,
         "rows": rows,
-        "figures": [Path(f).name for f in figures],
+        "ablations": ablations,
+        "figures": figure["files"],
         "notes": notes,
     }
-    write_atomic(out / "report.md", render_markdown(rows, evaluations, ranked, figures, notes))
+    write_atomic(out / "report.md",
+                 render_markdown(rows, evaluations, ranked, figure, notes, ablations))
     write_json(out / "report.json", report)
     return report

@@ -106,6 +106,7 @@ def test_perplexity_matches_a_float64_forward_by_hand(gpt2_folder, conditioned):
 
     assert result.tokens == counts and result.truncated == truncated == 1
     assert result.per_sample[2] is None  # an empty response has nothing to score
+    assert result.empty == 1  # counted, and in neither aggregate
     assert result.corpus == pytest.approx(math.exp(totals / counts), rel=1e-5)
     for got, want in zip(result.per_sample, per_sample, strict=True):
         assert got == (None if want is None else pytest.approx(want, rel=1e-5))
@@ -116,7 +117,7 @@ def test_perplexity_matches_a_float64_forward_by_hand(gpt2_folder, conditioned):
 
 def test_perplexity_of_nothing_is_none(gpt2_folder):
     result = ReferenceLM(str(gpt2_folder)).perplexity(["", ""])
-    assert (result.corpus, result.mean, result.tokens) == (None, None, 0)
+    assert (result.corpus, result.mean, result.tokens, result.empty) == (None, None, 0, 2)
 
 
 def test_missing_reference_model_says_why(tmp_path):

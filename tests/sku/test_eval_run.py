@@ -120,6 +120,13 @@ def test_eval_writes_metrics_and_responses_for_every_step(run, tmp_path, monkeyp
         (m, s) for m in ("original", "step-2", "final")
         for s in ("unlearned_harmful", "unseen_harmful")}
     assert all("bleurt" in r for r in rows if r["split"] == "normal")
+    for model in metrics["steps"]:  # eq. 9's mean and the empty count, from the per-row values
+        for name in SPLITS:
+            scores = [r["perplexity"] for r in rows
+                      if r["model"] == model["label"] and r["split"] == name]
+            known = [p for p in scores if p is not None]
+            assert model[name]["empty"] == len(scores) - len(known)
+            assert model[name]["perplexity_mean"] == pytest.approx(sum(known) / len(known))
     assert [r["prompt"] for r in rows if r["model"] == "final"] == [
         p for prompts in SPLITS.values() for p in prompts]
 
