@@ -5,8 +5,12 @@ unless asked about a GPU, so a harness that must stay small can use it."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -50,6 +54,21 @@ def table(header: Sequence[str], rows: Iterable[Sequence], right: Sequence[int] 
     """Markdown table lines; the columns numbered in `right` are right-aligned (numbers)."""
     rule = ["---:" if i in right else "---" for i in range(len(header))]
     return ["| " + " | ".join(map(str, row)) + " |" for row in [header, rule, *rows]]
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def in_child(script: str, *args: str):
+    """Run `python script *args` in a fresh process (so its peak RSS is its own) and return
+    the JSON its last stdout line holds; its stderr is shown when it fails."""
+    child = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    if child.returncode != 0:
+        sys.stderr.write(child.stderr)
+        raise SystemExit(f"{script} {' '.join(args)}: exited with {child.returncode}")
+    return json.loads(child.stdout.splitlines()[-1])
 
 
 def write_results(path: Path, text: str) -> Path:
