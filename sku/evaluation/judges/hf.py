@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from sku.errors import SkuError, cannot_load
 from sku.evaluation.judges.parse import parse_guard, parse_verdict
 from sku.evaluation.judges.prompt import Example, build_messages, build_text, examples_tag
 from sku.evaluation.judges.verdict import JudgeError, UnreadableReply, Verdict
@@ -44,7 +45,8 @@ class LocalJudge:
     """`style` fewshot: Table 3's kind from the few-shot prompt (parse_verdict); llamaguard:
     harmful or not from `safe` / `unsafe\\nS…` (parse_guard), which names no Table 3 kind.
     None detects Llama Guard from the chat template. Pairs go `batch_size` to a generate call,
-    sorted by length, left-padded; at most `max_new_tokens` are generated per verdict."""
+    sorted by length, each row padded on the left of its own tokens, after the start that all
+    share (see _generate); at most `max_new_tokens` are generated per verdict."""
 
     remote = False
 
@@ -60,8 +62,7 @@ class LocalJudge:
         except taskvec.TaskVecError as e:
             raise JudgeError(str(e)) from None
         except (OSError, ValueError) as e:
-            raise JudgeError(f"{model}: cannot load the judge's tokenizer: "
-                             f"{str(e).splitlines()[0]}") from None
+            raise cannot_load(model, "the judge's tokenizer", e, JudgeError) from None
         template = self.tokenizer.chat_template
         if style is None:
             style = "llamaguard" if template and _GUARD_TEMPLATE.search(template) else "fewshot"
@@ -173,7 +174,6 @@ class LocalJudge:
                                            skip_special_tokens=True)
 
     def _load(self) -> None:
-        from sku.errors import SkuError, cannot_load
         from sku.evaluation.generate import load_generator
 
         log.info("loading the judge model %s", self.folder)
