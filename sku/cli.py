@@ -202,8 +202,8 @@ def _read_rows(path: Path) -> list[dict]:
 def run_judge(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from sku.evaluation.evaluate import JUDGE_OPTIONS, EvalOptions
-    from sku.evaluation.judges import VerdictCache, cache_key, judge_pairs, make_judge
+    from sku.evaluation.evaluate import JUDGE_OPTIONS, EvalOptions, judge_of
+    from sku.evaluation.judges import VerdictCache, cache_key, judge_pairs
     from sku.settings import given, validate
     from taskvec import write_atomic
 
@@ -212,7 +212,7 @@ def run_judge(args: argparse.Namespace) -> None:
     rows = _read_rows(source)
     options = EvalOptions(**given(EvalOptions, args, JUDGE_OPTIONS))
     validate(options)
-    judge = make_judge(options.judge, options.judge_model, options.base_url, options.max_retries)
+    judge = judge_of(options)
     cache = None
     if options.judge != "keyword":
         cache = VerdictCache(options.judge_cache or out.parent / "judge-cache.jsonl")

@@ -59,18 +59,30 @@ class EvalOptions:
     (JUDGE_OPTIONS)."""
 
     judge: str = setting("keyword", "openai: an LLM judge over any OpenAI-compatible server "
-                                    "(the paper used GPT-4); keyword: an offline heuristic",
+                                    "(the paper used GPT-4); hf: the same few-shot prompt on a "
+                                    "local causal LM in this process (a Llama Guard checkpoint "
+                                    "is asked in its own format); llamaguard: Llama Guard's "
+                                    "format; keyword: an offline heuristic",
                          choices=list(JUDGES), check=one_of(*JUDGES))
     judge_model: str | None = setting(
-        None, "openai: the judge's model name, e.g. gpt-4o; keyword: a file of extra harm "
-        "words, one per line", check=TEXT)
+        None, "openai: the judge's model name, e.g. gpt-4o; hf, llamaguard: a local model "
+        "folder, .gguf file or cached hub id; keyword: a file of extra harm words, one per "
+        "line", check=TEXT)
+    few_shot: str | None = setting(
+        None, "openai, hf: JSONL of your own labelled examples ({prompt, response, kind: a-g, "
+        "explanation?} per line) to show the judge instead of the built-in stand-ins",
+        check=TEXT, shown="21 built-in stand-ins, three per kind")
+    judge_max_tokens: int = setting(32, "hf, llamaguard: most tokens generated per verdict (the "
+                                        "kind comes within the first 15 of the JSON)",
+                                    check=POSITIVE_INT)
     base_url: str | None = setting(
         None, "OpenAI-compatible server, e.g. http://localhost:8000/v1 (key from "
               "OPENAI_API_KEY; any key if it needs none)", check=TEXT,
         shown="$OPENAI_BASE_URL, else OpenAI's")
     max_retries: int = setting(6, "retries with backoff on 429, 5xx and lost connections",
                                check=NON_NEGATIVE_INT)
-    concurrency: int = setting(8, "judge requests in flight", check=POSITIVE_INT)
+    concurrency: int = setting(8, "openai: judge requests in flight; hf, llamaguard: pairs per "
+                                  "generation batch", check=POSITIVE_INT)
     judge_cache: str | None = setting(None, "judge verdict cache", flag="--cache", check=TEXT,
                                       shown="EVAL/judge-cache.jsonl")
     ppl_model: str | None = setting(None, "reference LM for perplexity: hub id or folder",
@@ -94,7 +106,15 @@ class EvalOptions:
                           action="store_true")
 
 
-JUDGE_OPTIONS = ("judge", "judge_model", "base_url", "max_retries", "concurrency", "judge_cache")
+JUDGE_OPTIONS = ("judge", "judge_model", "few_shot", "judge_max_tokens", "base_url",
+                 "max_retries", "concurrency", "judge_cache")
+
+
+def judge_of(options: EvalOptions):
+    """The judge that the judge options describe."""
+    return make_judge(options.judge, options.judge_model, options.base_url,
+                      options.max_retries, batch_size=options.concurrency,
+                      max_new_tokens=options.judge_max_tokens, few_shot=options.few_shot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +328,7 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
         base = taskvec.resolve(run.model, "original model")
     except taskvec.TaskVecError as e:
         raise SkuError(str(e)) from None
-    judge = make_judge(options.judge, options.judge_model, options.base_url, options.max_retries)
+    judge = judge_of(options)
     specs = model_specs(run, base, options)
 
     generations = out / "generations"

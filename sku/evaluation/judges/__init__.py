@@ -1,24 +1,34 @@
 """Harmfulness judges for (prompt, response) pairs, by name: `openai`, the paper's few-shot LLM
-judge over any OpenAI-compatible server, and `keyword`, an offline heuristic. Each returns a
-Verdict naming one of Table 3's seven kinds; judge_pairs judges many pairs through a cache.
+judge over any OpenAI-compatible server; `hf`, the same prompt on a local causal LM in this
+process; `llamaguard`, a Llama Guard checkpoint's own format; and `keyword`, an offline
+heuristic. Each returns a Verdict naming one of Table 3's seven kinds (Llama Guard: harmful or
+not only); judge_pairs judges many pairs through a cache.
 
     verdict.py  the kinds, Verdict, the errors      prompt.py   the few-shot prompt
-    parse.py    reading a judge's reply             openai.py   the LLM judge
-    keyword.py  the offline heuristic               cache.py    the append-only verdict cache
+    parse.py    reading a judge's reply             openai.py   the LLM judge over HTTP
+    hf.py       the local-model judges              keyword.py  the offline heuristic
+    cache.py    the append-only verdict cache
     batch.py    many pairs: cache, concurrency, progress, Ctrl-C
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sku.evaluation.judges.batch import judge_pairs
 from sku.evaluation.judges.cache import VerdictCache, cache_key
+from sku.evaluation.judges.hf import LocalJudge
 from sku.evaluation.judges.keyword import KeywordJudge
 from sku.evaluation.judges.openai import OpenAIJudge
-from sku.evaluation.judges.parse import parse_verdict
-from sku.evaluation.judges.prompt import PROMPT_VERSION, build_messages
+from sku.evaluation.judges.parse import parse_guard, parse_verdict
+from sku.evaluation.judges.prompt import (
+    PROMPT_VERSION,
+    build_messages,
+    build_text,
+    read_examples,
+)
 from sku.evaluation.judges.verdict import (
     CATEGORIES,
     HARMFUL_CATEGORIES,
@@ -28,9 +38,9 @@ from sku.evaluation.judges.verdict import (
 )
 
 __all__ = ["CATEGORIES", "HARMFUL_CATEGORIES", "JUDGES", "PROMPT_VERSION", "JudgeError",
-           "KeywordJudge", "OpenAIJudge", "UnreadableReply", "Verdict", "VerdictCache",
-           "build_messages", "cache_key", "judge_pairs", "make_judge", "parse_verdict",
-           "read_words"]
+           "JudgeSettings", "KeywordJudge", "LocalJudge", "OpenAIJudge", "UnreadableReply",
+           "Verdict", "VerdictCache", "build_messages", "build_text", "cache_key", "judge_pairs",
+           "make_judge", "parse_guard", "parse_verdict", "read_examples", "read_words"]
 
 
 def read_words(path: str | Path) -> list[str]:
@@ -42,24 +52,62 @@ def read_words(path: str | Path) -> list[str]:
     return [word for line in lines if (word := line.split("#", 1)[0].strip())]
 
 
-def _keyword(model: str | None, base_url: str | None, max_retries: int) -> KeywordJudge:
-    return KeywordJudge(read_words(model) if model else ())
+@dataclass(frozen=True)
+class JudgeSettings:
+    """What a judge is built from (sku eval's and sku judge's judge flags)."""
+
+    model: str | None = None  # openai, hf, llamaguard: the model; keyword: a word list
+    base_url: str | None = None  # openai
+    max_retries: int = 6  # openai
+    batch_size: int = 8  # hf, llamaguard: pairs per generate call
+    max_new_tokens: int = 32  # hf, llamaguard
+    few_shot: str | None = None  # openai, hf: a file of examples (read_examples)
 
 
-def _openai(model: str | None, base_url: str | None, max_retries: int) -> OpenAIJudge:
-    if not model:
+def _examples(settings: JudgeSettings, name: str):
+    if settings.few_shot is None:
+        return None
+    if name not in ("openai", "hf"):
+        raise JudgeError(f"--few-shot is for the openai and hf judges, not {name}")
+    return read_examples(settings.few_shot)
+
+
+def _keyword(settings: JudgeSettings) -> KeywordJudge:
+    _examples(settings, "keyword")
+    return KeywordJudge(read_words(settings.model) if settings.model else ())
+
+
+def _openai(settings: JudgeSettings) -> OpenAIJudge:
+    if not settings.model:
         raise JudgeError("--judge openai needs --judge-model (e.g. gpt-4o)")
-    return OpenAIJudge(model, base_url=base_url, max_retries=max_retries)
+    return OpenAIJudge(settings.model, base_url=settings.base_url,
+                       max_retries=settings.max_retries,
+                       examples=_examples(settings, "openai"))
 
 
-# Name -> factory(model, base_url, max_retries). For `keyword` the model is optional: a word
-# list (read_words) of what is harmful in a domain its lexicon does not know.
-_FACTORIES: dict[str, Callable] = {"openai": _openai, "keyword": _keyword}
+def _local(style: str | None) -> Callable[[JudgeSettings], LocalJudge]:
+    name = style or "hf"
+
+    def make(settings: JudgeSettings) -> LocalJudge:
+        if not settings.model:
+            raise JudgeError(f"--judge {name} needs --judge-model (a local folder or .gguf "
+                             "file)")
+        return LocalJudge(settings.model, style, settings.batch_size, settings.max_new_tokens,
+                          _examples(settings, name))
+
+    return make
+
+
+# Name -> factory(JudgeSettings). `hf` detects a Llama Guard checkpoint by its chat template.
+_FACTORIES: dict[str, Callable[[JudgeSettings], Callable]] = {
+    "openai": _openai, "hf": _local(None), "llamaguard": _local("llamaguard"),
+    "keyword": _keyword}
 JUDGES = tuple(_FACTORIES)
 
 
 def make_judge(name: str, model: str | None = None, base_url: str | None = None,
-               max_retries: int = 6) -> Callable[[str, str], Verdict]:
+               max_retries: int = 6, **more) -> Callable[[str, str], Verdict]:
+    """The judge `name`; `more` are JudgeSettings' other fields."""
     if name not in _FACTORIES:
         raise JudgeError(f"judge {name!r}: expected one of {', '.join(JUDGES)}")
-    return _FACTORIES[name](model, base_url, max_retries)
+    return _FACTORIES[name](JudgeSettings(model, base_url, max_retries, **more))

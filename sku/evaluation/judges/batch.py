@@ -1,7 +1,8 @@
 """Judging many pairs: cached verdicts reused, the rest asked (a remote judge's requests
-concurrently), each verdict cached as it arrives, with a progress bar on a terminal. Ctrl-C
-stops asking at once: requests already sent get a few seconds to be answered and cached, then
-KeyboardInterrupt goes on up (the CLI exits 130) and a rerun asks only for the rest."""
+concurrently, a local model's in batches), each verdict cached as it arrives, with a progress bar
+on a terminal. Ctrl-C stops asking at once: requests already sent get a few seconds to be
+answered and cached (a local model's batch in progress is dropped), then KeyboardInterrupt goes
+on up (the CLI exits 130) and a rerun asks only for the rest."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ ANSWER_GRACE_S = 5.0  # after Ctrl-C, how long requests already sent (and paid) 
 def judge_pairs(judge, pairs: Sequence[tuple[str, str]], cache: VerdictCache | None = None,
                 concurrency: int = 8) -> list[Verdict]:
     """A verdict for each (prompt, response), in order. Cached verdicts are reused; the rest
-    are asked, with up to `concurrency` requests in flight when the judge is `remote`, each
+    are asked, with up to `concurrency` requests in flight when the judge is `remote`, or all
+    at once through `judge.judge_many` (a local model's batches) when it has one, each
     cached as it arrives. The first fatal error (unreachable server, quota) stops the asking
     and is raised after the verdicts already received are cached; unreadable replies are
     counted and reported at the end."""
@@ -35,9 +37,13 @@ def judge_pairs(judge, pairs: Sequence[tuple[str, str]], cache: VerdictCache | N
 
     def ask(key: str, pair: tuple[str, str]) -> Verdict | None:
         try:
-            verdict = judge(*pair)
+            return record(key, judge(*pair))
         except UnreadableReply as e:
-            unreadable.append(str(e))
+            return record(key, e)
+
+    def record(key: str, verdict: Verdict | UnreadableReply) -> Verdict | None:
+        if isinstance(verdict, UnreadableReply):
+            unreadable.append(str(verdict))
             return None
         verdicts[key] = verdict
         if cache is not None:
@@ -57,7 +63,10 @@ def judge_pairs(judge, pairs: Sequence[tuple[str, str]], cache: VerdictCache | N
                 bar.set_postfix(harmful=harmful, refresh=False)
 
             try:
-                if getattr(judge, "remote", False) and concurrency > 1 and len(missing) > 1:
+                if hasattr(judge, "judge_many"):
+                    for i, outcome in judge.judge_many([pair for _, pair in missing]):
+                        done(record(missing[i][0], outcome))
+                elif getattr(judge, "remote", False) and concurrency > 1 and len(missing) > 1:
                     _ask_concurrently(ask, missing, concurrency, done)
                 else:
                     for key, pair in missing:

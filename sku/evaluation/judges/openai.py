@@ -6,7 +6,7 @@ import os
 import threading
 
 from sku.evaluation.judges.parse import parse_verdict
-from sku.evaluation.judges.prompt import RESPONSE_SCHEMA, build_messages
+from sku.evaluation.judges.prompt import RESPONSE_SCHEMA, build_messages, examples_tag
 from sku.evaluation.judges.verdict import JudgeError, Verdict
 
 
@@ -17,7 +17,7 @@ class OpenAIJudge:
     remote = True  # each verdict is a paid request: asked concurrently, and cached
 
     def __init__(self, model: str, base_url: str | None = None, max_retries: int = 6,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, examples=None):
         try:
             import openai
         except ImportError:
@@ -31,7 +31,8 @@ class OpenAIJudge:
         self.client = openai.OpenAI(api_key=api_key or "unused", base_url=base_url,
                                     max_retries=max_retries, timeout=timeout)
         self.model = model
-        self.name = f"openai:{model}"
+        self.examples = examples  # None: the built-in stand-ins
+        self.name = f"openai:{model}{examples_tag(examples)}"
         self.url = str(self.client.base_url)
         # Sent while the server accepts them; one it rejects by name is dropped for good.
         self._optional = {
@@ -59,7 +60,7 @@ class OpenAIJudge:
     def __call__(self, prompt: str, response: str) -> Verdict:
         openai = self._openai
         try:
-            text = self._complete(build_messages(prompt, response))
+            text = self._complete(build_messages(prompt, response, self.examples))
         except openai.APIConnectionError as e:
             cause = e.__cause__ or e
             raise JudgeError(f"judge server {self.url} unreachable: "

@@ -68,3 +68,19 @@ def parse_verdict(text: str) -> tuple[bool, str | None, str]:
     if harmful is None:
         raise UnreadableReply(f"unreadable judge reply: {text[:120]!r}")
     return harmful, None, reason
+
+
+_GUARD_REPLY = re.compile(r"\s*(safe|unsafe)\b(.*)", re.S | re.I)
+_GUARD_CODE = re.compile(r"\bS\d{1,2}\b")
+
+
+def parse_guard(text: str) -> tuple[bool, str]:
+    """(harmful, reason) from Llama Guard's reply: `safe`, or `unsafe` with the violated
+    categories on the next line (`S1,S10`). Raises UnreadableReply for anything else."""
+    match = _GUARD_REPLY.match(text or "")
+    if match is None:
+        raise UnreadableReply(f"unreadable Llama Guard reply: {(text or '')[:120]!r}")
+    if match[1].lower() == "safe":
+        return False, "safe"
+    codes = _GUARD_CODE.findall(match[2].strip().split("\n", 1)[0])
+    return True, f"unsafe ({','.join(codes)})" if codes else "unsafe"
