@@ -17,9 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from sku.errors import SkuError, refuse_existing
-from sku.log import configure
-from taskvec import TaskVecError
+from sku.errors import SkuError, read_text, refuse_existing
 
 
 def _common() -> argparse.ArgumentParser:
@@ -172,10 +170,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise SkuError(f"{path}: unreadable: {e.strerror or e}") from None
+    lines = read_text(path).splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -244,11 +239,26 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     """Every subcommand sets `handler`. Errors are one line on stderr and status 1 (usage
-    errors too); Ctrl-C exits 130 and SIGTERM 143, after temporaries are removed; with
-    SKU_DEBUG=1 errors keep their traceback."""
+    errors too); Ctrl-C exits 130 and SIGTERM 143, after temporaries are removed, from the
+    first line on (the heavy imports, torch's, happen inside: parsing builds the options);
+    with SKU_DEBUG=1 errors keep their traceback."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("sku: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("sku: terminated", file=sys.stderr)
+        return 143
+
+
+def _run(argv) -> int:
+    from sku.log import configure
+    from taskvec import TaskVecError
+
     args = build_parser().parse_args(argv)
     configure(args.verbose - args.quiet, args.command)
-    signal.signal(signal.SIGTERM, _terminate)
     debug = os.environ.get("SKU_DEBUG") == "1"
     try:
         args.handler(args)
@@ -263,10 +273,4 @@ def main(argv=None) -> int:
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
         print(f"sku: error: {where or type(e).__name__}: {e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("sku: interrupted", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("sku: terminated", file=sys.stderr)
-        return 143
     return 0

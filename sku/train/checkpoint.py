@@ -26,7 +26,7 @@ def keep_trainable(models, weights, output_dir) -> None:
             del state[name]
 
 
-def _weights_finite(model, accelerator) -> bool:
+def weights_finite(model, accelerator) -> bool:
     """Every trained tensor finite on every process (its local shard under FSDP)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()
              if p.requires_grad]
@@ -41,7 +41,7 @@ def save_checkpoint(folder: Path, step: int, accelerator, model) -> None:
     that are not finite are never checkpointed: the last good one stays."""
     from accelerate.utils import broadcast_object_list
 
-    if not _weights_finite(model, accelerator):
+    if not weights_finite(model, accelerator):
         raise NonFiniteLoss(step, "weights are not finite")
     main = accelerator.is_main_process
     with OutputDir(folder, force=True) if main else nullcontext() as tmp:

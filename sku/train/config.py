@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from sku.dtypes import DTYPES
-from sku.errors import SkuError, first_line
+from sku.errors import SkuError, first_line, read_text
 from sku.settings import (
     BOOL,
     INT,
@@ -134,8 +134,8 @@ def load_recipe(name_or_path: str) -> dict:
                            f"({', '.join(recipe_names())})")
         path = _RECIPES / f"{name_or_path}.yaml"
     try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        recipe = yaml.safe_load(read_text(path)) or {}
+    except yaml.YAMLError as e:
         raise SkuError(f"{name_or_path}: unreadable recipe: {first_line(e)}") from None
     if not isinstance(recipe, dict):
         raise SkuError(f"{name_or_path}: a recipe is a mapping of settings")
