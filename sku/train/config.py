@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,7 @@ from sku.train.methods import METHODS
 from sku.train.teacher import TEACHER_CHOICES
 
 _RECIPES = resources.files("sku.train") / "recipes"
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _steps(text: str) -> list[int]:
@@ -139,6 +141,9 @@ def load_recipe(name_or_path: str) -> dict:
         raise SkuError(f"{name_or_path}: unreadable recipe: {first_line(e)}") from None
     if not isinstance(recipe, dict):
         raise SkuError(f"{name_or_path}: a recipe is a mapping of settings")
+    for key, value in recipe.items():  # YAML 1.1 reads `lr: 1e-4` (no dot) as a string
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            recipe[key] = float(value)
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
     if unknown:
         raise SkuError(f"{name_or_path}: unknown setting {unknown[0]}; "

@@ -25,6 +25,7 @@ from sku.train.checkpoint import (
     keep_trainable,
     load_checkpoint,
     save_checkpoint,
+    saving,
     weights_finite,
 )
 from sku.train.config import UnlearnConfig
@@ -198,7 +199,7 @@ class Saver:
         model = accelerator.unwrap_model(self.module).model
         state = accelerator.get_state_dict(self.module)
         if accelerator.is_main_process:
-            with OutputDir(folder, force=True) as tmp:
+            with saving(folder), OutputDir(folder, force=True) as tmp:
                 if self.lora:  # peft keeps the adapter's tensors of the whole state
                     model.save_pretrained(tmp, state_dict=self._own(state, None))
                 else:

@@ -21,6 +21,7 @@ from sku.data.readers import load_forget
 from sku.errors import SkuError
 from sku.evaluation.judges import Verdict, VerdictCache
 from sku.run import RunFolder
+from sku.train.config import resolve_config
 from tests.sku.test_eval_openai import FakeOpenAI, cli_env, write_rows
 from tests.support.sku import (
     PKU_V1,
@@ -132,6 +133,15 @@ def test_every_setting_is_refused_before_anything_starts(llama, tmp_path, recipe
     assert not run.exists()
 
 
+def test_a_recipe_number_with_an_exponent_and_no_dot_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; it is meant as a number."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("lr: 1e-4\nweight_decay: 5E-3\nmax_steps: 3\n")
+    config = resolve_config({"method": "sku", "model": "m", "forget_data": "f",
+                             "normal_data": "n", "out": "o"}, str(path), {})
+    assert (config.lr, config.weight_decay, config.max_steps) == (1e-4, 5e-3, 3)
+
+
 def test_a_torn_last_line_of_the_train_log_is_dropped_on_resume(tmp_path):
     run = RunFolder(tmp_path)
     steps = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5))
@@ -203,7 +213,9 @@ def test_a_cache_line_cut_inside_a_utf8_character_is_ignored(tmp_path):
     path = tmp_path / "cache.jsonl"
     good = json.dumps({"key": "k1", "verdict": _verdict("déclin")}, ensure_ascii=False)
     torn = json.dumps({"key": "k2", "verdict": _verdict("refusé")}, ensure_ascii=False)
-    path.write_bytes((good + "\n").encode() + torn.encode()[:-5])  # cut inside "é"
+    cut = torn.encode()
+    cut = cut[:cut.index("é".encode()) + 1]  # killed inside "é", a two-byte character
+    path.write_bytes((good + "\n").encode() + cut)
     cache = VerdictCache(path)
     assert set(cache.verdicts) == {"k1"} and cache.verdicts["k1"].reason == "déclin"
     cache.put("k3", Verdict(True, "a", "ça", "openai:m"))
@@ -299,6 +311,13 @@ def test_a_full_disk_stops_the_paid_requests_and_says_how_many_verdicts_were_kep
         assert kept + lost == len(server.requests) < 5  # it stopped asking
     finally:
         server.close()
+
+
+def test_a_full_disk_during_a_run_names_the_folder_and_leaves_it_empty(llama, tiny_tmpfs):
+    run = tiny_tmpfs / "run"  # θ_o's copy is the first thing too big for it
+    line = assert_sku_error(run_sku(*unlearn_args("sku", llama, run)), str(run / "theta_o"),
+                            "cannot save", "No space left on device", only_line=False)
+    assert ": :" not in line and list(run.iterdir()) == []
 
 
 def test_a_cache_on_dev_full_is_one_line(tmp_path, monkeypatch):
