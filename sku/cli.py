@@ -11,10 +11,12 @@ unlearn …` (DDP, or FSDP2 for models that outgrow one GPU; DeepSpeed is refuse
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from sku.errors import SkuError, read_text, refuse_existing
@@ -237,11 +239,34 @@ def _terminate(signum, frame):
     raise _Terminated
 
 
+# What each command imports (torch, transformers, accelerate: seconds), at once and whole.
+_LIBRARIES = {"unlearn": ("accelerate", "sku.train.unlearn"), "demo": ("sku.demo.study",),
+              "eval": ("sku.evaluation.evaluate",), "judge": ("sku.evaluation.evaluate",),
+              "report": ("sku.evaluation.report",)}
+
+
+@contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the libraries are imported: an import cut short can be
+    swallowed by a library's own `except:` and leave half a module behind (numpy's), which
+    fails later with an unrelated traceback."""
+    held = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt if held[0] == signal.SIGINT else _Terminated
+
+
 def main(argv=None) -> int:
     """Every subcommand sets `handler`. Errors are one line on stderr and status 1 (usage
     errors too); Ctrl-C exits 130 and SIGTERM 143, after temporaries are removed, from the
-    first line on (the heavy imports, torch's, happen inside: parsing builds the options);
-    with SKU_DEBUG=1 errors keep their traceback."""
+    first line on (during the imports they wait until those are done); with SKU_DEBUG=1
+    errors keep their traceback."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(argv)
@@ -254,10 +279,13 @@ def main(argv=None) -> int:
 
 
 def _run(argv) -> int:
-    from sku.log import configure
-    from taskvec import TaskVecError
+    with _signals_held():
+        from sku.log import configure
+        from taskvec import TaskVecError
 
-    args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
+        for module in _LIBRARIES[args.command]:
+            importlib.import_module(module)
     configure(args.verbose - args.quiet, args.command)
     debug = os.environ.get("SKU_DEBUG") == "1"
     try:
