@@ -28,18 +28,12 @@ from tests.support.sku import (
     TRUTHFULQA,
     assert_sku_error,
     run_sku,
-    tiny_model,
     unlearn_args,
 )
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny_model("llama", tmp_path_factory.getbasetemp())
-
-
-def _required(llama: Path, out: Path) -> list[str]:
-    return ["unlearn", "--method", "sku", "--model", str(llama), "--forget-data", str(PKU_V1),
+def _required(tiny_llama: Path, out: Path) -> list[str]:
+    return ["unlearn", "--method", "sku", "--model", str(tiny_llama), "--forget-data", str(PKU_V1),
             "--normal-data", str(TRUTHFULQA), "--out", str(out)]
 
 
@@ -47,12 +41,12 @@ def _required(llama: Path, out: Path) -> list[str]:
 # The run folder: nothing a user had is lost, nothing half-made is left
 
 
-def test_force_refuses_a_folder_holding_a_git_repository_and_keeps_it(llama, tmp_path):
+def test_force_refuses_a_folder_holding_a_git_repository_and_keeps_it(tiny_llama, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     subprocess.run(["git", "init", "-q", str(run)], check=True)
     (run / "run.json").write_text("{}\n")  # it looks like a run folder otherwise
-    assert_sku_error(run_sku(*unlearn_args("sku", llama, run), "--force"), ".git",
+    assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run), "--force"), ".git",
                      "not a sku run folder")
     assert (run / ".git" / "HEAD").is_file() and (run / "run.json").read_text() == "{}\n"
 
@@ -67,18 +61,18 @@ def test_our_own_hidden_temporaries_are_not_foreign(tmp_path):
     assert run.foreign_entries() == [".git", ".modelx"]
 
 
-def test_out_that_is_a_file_is_refused_and_kept(llama, tmp_path):
+def test_out_that_is_a_file_is_refused_and_kept(tiny_llama, tmp_path):
     out = tmp_path / "notes.txt"
     out.write_text("mine\n")
-    assert_sku_error(run_sku(*unlearn_args("sku", llama, out), "--force"), str(out),
+    assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, out), "--force"), str(out),
                      "is a file")
     assert out.read_text() == "mine\n"
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_a_truncated_model_is_one_line_before_the_run_folder_changes(llama, tmp_path, lora):
+def test_a_truncated_model_is_one_line_before_the_run_folder_changes(tiny_llama, tmp_path, lora):
     model = tmp_path / "model"
-    shutil.copytree(llama, model)
+    shutil.copytree(tiny_llama, model)
     weights = model / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
     run = tmp_path / "run"
@@ -90,18 +84,18 @@ def test_a_truncated_model_is_one_line_before_the_run_folder_changes(llama, tmp_
     assert sorted(p.name for p in run.iterdir()) == ["run.json"]
 
 
-def test_a_run_that_fails_before_any_checkpoint_leaves_nothing_and_reruns(llama, tmp_path):
+def test_a_run_that_fails_before_any_checkpoint_leaves_nothing_and_reruns(tiny_llama, tmp_path):
     """lr 1e30 makes the weights Inf (or the loss NaN) within the first steps: nothing can be
     resumed, so nothing is kept (stage 1 is never saved with non-finite weights), and a plain
     rerun is not refused."""
     run = tmp_path / "run"
-    line = assert_sku_error(run_sku(*unlearn_args("sku", llama, run), "--lr", "1e30"),
+    line = assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run), "--lr", "1e30"),
                             "no checkpoint was saved yet", "left empty", only_line=False)
     assert "finite" in line or "loss is" in line
     assert list(run.iterdir()) == []
-    resumed = run_sku(*unlearn_args("sku", llama, run), "--resume")
+    resumed = run_sku(*unlearn_args("sku", tiny_llama, run), "--resume")
     assert_sku_error(resumed, "nothing to resume", "without --resume", only_line=False)
-    rerun = run_sku(*unlearn_args("sku", llama, run))
+    rerun = run_sku(*unlearn_args("sku", tiny_llama, run))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (run / "model").is_dir()
 
@@ -121,7 +115,7 @@ def test_a_run_that_fails_before_any_checkpoint_leaves_nothing_and_reruns(llama,
     (None, ["--weight-decay", "-1"], "weight_decay -1.0"),
     (b"seed: \xff\xfe\n", [], "not UTF-8"),
 ])
-def test_every_setting_is_refused_before_anything_starts(llama, tmp_path, recipe, flags,
+def test_every_setting_is_refused_before_anything_starts(tiny_llama, tmp_path, recipe, flags,
                                                          needle):
     """One line and nothing else (no step, no log line), and no run folder made."""
     run = tmp_path / "run"
@@ -129,7 +123,7 @@ def test_every_setting_is_refused_before_anything_starts(llama, tmp_path, recipe
         path = tmp_path / "recipe.yaml"
         path.write_bytes(recipe if isinstance(recipe, bytes) else recipe.encode())
         flags = [*flags, "--config", str(path)]
-    assert_sku_error(run_sku(*_required(llama, run), *flags), needle)
+    assert_sku_error(run_sku(*_required(tiny_llama, run), *flags), needle)
     assert not run.exists()
 
 
@@ -313,9 +307,9 @@ def test_a_full_disk_stops_the_paid_requests_and_says_how_many_verdicts_were_kep
         server.close()
 
 
-def test_a_full_disk_during_a_run_names_the_folder_and_leaves_it_empty(llama, tiny_tmpfs):
+def test_a_full_disk_during_a_run_names_the_folder_and_leaves_it_empty(tiny_llama, tiny_tmpfs):
     run = tiny_tmpfs / "run"  # θ_o's copy is the first thing too big for it
-    line = assert_sku_error(run_sku(*unlearn_args("sku", llama, run)), str(run / "theta_o"),
+    line = assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run)), str(run / "theta_o"),
                             "cannot save", "No space left on device", only_line=False)
     assert ": :" not in line and list(run.iterdir()) == []
 
@@ -337,10 +331,10 @@ def test_a_cache_on_dev_full_is_one_line(tmp_path, monkeypatch):
 # Signals
 
 
-def test_ctrl_c_while_sku_starts_exits_130_without_a_traceback(llama, tmp_path):
+def test_ctrl_c_while_sku_starts_exits_130_without_a_traceback(tiny_llama, tmp_path):
     """SIGINT at moments spread over the start-up (torch's import takes seconds), after
     Python's own start-up (whose SIGINT handling is Python's)."""
-    args = [sys.executable, "-m", "sku", *unlearn_args("sku", llama, tmp_path / "run")]
+    args = [sys.executable, "-m", "sku", *unlearn_args("sku", tiny_llama, tmp_path / "run")]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     for delay in (0.15, 0.3, 0.5, 0.8, 1.2, 1.8, 2.5):
         with subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
