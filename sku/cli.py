@@ -11,15 +11,15 @@ unlearn …` (DDP, or FSDP2 for models that outgrow one GPU; DeepSpeed is refuse
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from sku.errors import SkuError, refuse_existing
-from sku.log import configure
-from taskvec import TaskVecError
+from sku.errors import SkuError, read_text, refuse_existing
 
 
 def _common() -> argparse.ArgumentParser:
@@ -179,10 +179,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise SkuError(f"{path}: unreadable: {e.strerror or e}") from None
+    lines = read_text(path).splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -249,13 +246,54 @@ def _terminate(signum, frame):
     raise _Terminated
 
 
+# What each command imports (torch, transformers, accelerate: seconds), at once and whole.
+_LIBRARIES = {"unlearn": ("accelerate", "sku.train.unlearn"), "demo": ("sku.demo.study",),
+              "eval": ("sku.evaluation.evaluate",), "judge": ("sku.evaluation.evaluate",),
+              "report": ("sku.evaluation.report",)}
+
+
+@contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the libraries are imported: an import cut short can be
+    swallowed by a library's own `except:` and leave half a module behind (numpy's), which
+    fails later with an unrelated traceback."""
+    held = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt if held[0] == signal.SIGINT else _Terminated
+
+
 def main(argv=None) -> int:
     """Every subcommand sets `handler`. Errors are one line on stderr and status 1 (usage
-    errors too); Ctrl-C exits 130 and SIGTERM 143, after temporaries are removed; with
-    SKU_DEBUG=1 errors keep their traceback."""
-    args = build_parser().parse_args(argv)
-    configure(args.verbose - args.quiet, args.command)
+    errors too); Ctrl-C exits 130 and SIGTERM 143, after temporaries are removed, from the
+    first line on (during the imports they wait until those are done); with SKU_DEBUG=1
+    errors keep their traceback."""
     signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("sku: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("sku: terminated", file=sys.stderr)
+        return 143
+
+
+def _run(argv) -> int:
+    with _signals_held():
+        from sku.log import configure
+        from taskvec import TaskVecError
+
+        args = build_parser().parse_args(argv)
+        for module in _LIBRARIES[args.command]:
+            importlib.import_module(module)
+    configure(args.verbose - args.quiet, args.command)
     debug = os.environ.get("SKU_DEBUG") == "1"
     try:
         args.handler(args)
@@ -270,10 +308,4 @@ def main(argv=None) -> int:
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
         print(f"sku: error: {where or type(e).__name__}: {e.strerror or e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("sku: interrupted", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("sku: terminated", file=sys.stderr)
-        return 143
     return 0

@@ -1,4 +1,4 @@
-"""SkuError, and the two messages every command words the same way."""
+"""SkuError, the messages every command words the same way, and reading text files."""
 
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ def first_line(error: BaseException) -> str:
 def cannot_load(source, what: str, error: BaseException, kind: type = SkuError) -> Exception:
     """`SOURCE: cannot load WHAT: first line of the library's error`, to raise from it."""
     return kind(f"{source}: cannot load {what}: {first_line(error)}")
+
+
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A text file's contents, or one line naming it: unreadable, or not UTF-8 text (where)."""
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as e:
+        raise SkuError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})"
+                       ) from None
+    except OSError as e:
+        raise SkuError(f"{path}: unreadable: {e.strerror or e}") from None
 
 
 def refuse_existing(path: Path, force: bool, hint: str = "pass --force to replace it") -> None:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sku.data.template import TEMPLATES
-from sku.errors import SkuError
-from taskvec import write_json
+from sku.errors import SkuError, read_text
+from taskvec import write_atomic, write_json
 
 RUN_JSON, SPLITS_JSON, TRAIN_LOG = "run.json", "splits.json", "train_log.jsonl"
 CHECKPOINT, SNAPSHOTS, EVAL = "checkpoint", "snapshots", "eval"
@@ -33,12 +33,17 @@ HARMFUL_SPLITS = SPLITS[:2]
 
 
 def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise SkuError(f"{path}: no such file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SkuError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as e:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
         raise SkuError(f"{path}: unreadable: {e}") from None
+
+
+def _temporary_of_ours(name: str) -> bool:
+    return name.startswith(".") and any(name[1:].startswith((f"{entry}.", f"{entry}-"))
+                                        for entry in ENTRIES)
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,11 @@ class RunFolder:
         return sorted(found)
 
     def foreign_entries(self) -> list[str]:
-        """Entries that no sku command writes (hidden temporaries excepted)."""
+        """Entries that no sku command writes, hidden ones too (a `.git/`): only the hidden
+        temporaries of our own entries (`.model.taskvec-tmp-PID`, `.run.json.tmp-PID`) are
+        ours."""
         return sorted(p.name for p in self.path.iterdir()
-                      if p.name not in ENTRIES and not p.name.startswith("."))
+                      if p.name not in ENTRIES and not _temporary_of_ours(p.name))
 
     def read_run(self) -> dict:
         return read_json(self.run_json)
@@ -148,12 +155,28 @@ class RunFolder:
         return load_splits(self.splits_json)
 
     def append_log(self, record: dict) -> None:
-        with open(self.train_log, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.train_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a write error names no file (disk full)
+            raise SkuError(f"{self.train_log}: cannot append: {e.strerror or e}") from None
 
     def truncate_log(self, last_step: int) -> None:
-        """On resume, steps after the checkpoint are trained again and logged again."""
-        if self.train_log.is_file():
-            lines = [line for line in self.train_log.read_text().splitlines()
-                     if line and json.loads(line)["step"] <= last_step]
-            self.train_log.write_text("".join(line + "\n" for line in lines))
+        """On resume, steps after the checkpoint are trained again and logged again. A last
+        line cut short by a kill is dropped; any other line that is not a step record is an
+        error naming it."""
+        if not self.train_log.is_file():
+            return
+        lines = read_text(self.train_log).splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                step = json.loads(line)["step"] if line else None
+            except (json.JSONDecodeError, TypeError, KeyError):
+                if number == len(lines):  # torn by a kill mid-write
+                    break
+                raise SkuError(f"{self.train_log}:{number}: not a step record; remove the "
+                               "line (or the file) to resume") from None
+            if isinstance(step, int) and step <= last_step:
+                kept.append(line)
+        write_atomic(self.train_log, "".join(line + "\n" for line in kept))

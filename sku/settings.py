@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,8 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float: no setting means anything at NaN or ±inf (--scale inf)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 POSITIVE_INT = Check(lambda v: _is_int(v) and v > 0, "a positive integer")
@@ -55,7 +57,10 @@ def setting(default=dataclasses.MISSING, help: str = "", *, check: Check | None 
     """A field with its --help line, its Check, and argparse extras (`type`, `choices`,
     `nargs`, `metavar`, `action`, `flag` for another flag name, `consts` for flags that each
     store one value, whose help may name it as {value}). `shown` replaces the default in the
-    help line; `factory` is a default_factory."""
+    help line; `factory` is a default_factory. Every setting has a Check: `validate` checks
+    them all before a command starts its work."""
+    if check is None:
+        raise TypeError(f"setting {help!r}: give it a check (sku.settings.Check)")
     metadata = {"help": help, "check": check, "shown": shown, "flag": flag}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -131,5 +136,5 @@ def validate(obj) -> None:
     that fails."""
     for field in fields(type(obj)):
         check, value = field.metadata["check"], getattr(obj, field.name)
-        if check is not None and not check.ok(value):
+        if not check.ok(value):
             raise SkuError(f"{field.name} {value!r}: {check.what}")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from sku.errors import SkuError, first_line
+from sku.errors import SkuError, first_line, read_text
 
 
 @dataclass(frozen=True)
@@ -75,17 +76,30 @@ def _read_json(path: Path, text: str) -> list:
     return data if isinstance(data, list) else [data]
 
 
+# The text is in memory already; csv's 128 KiB field limit only refuses long responses.
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)  # what the C long of csv's limit holds
+
+
 def _read_csv(path: Path, text: str) -> list:
-    return list(csv.DictReader(text.splitlines(keepends=True)))
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    try:
+        return list(reader)
+    except csv.Error as e:
+        raise SkuError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
 
 
 def _read_parquet(path: Path) -> list:
     try:
+        import pyarrow
         import pyarrow.parquet
     except ImportError:
         raise SkuError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); "
                        "or convert the file to .jsonl or .csv") from None
-    return pyarrow.parquet.read_table(path).to_pylist()
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+        raise SkuError(f"{path}: not a readable parquet file: {first_line(e)}") from None
 
 
 _TEXT_READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv}
@@ -97,11 +111,7 @@ def _read_file(path: Path) -> list:
     reader = _TEXT_READERS.get(path.suffix)
     if reader is None:
         raise SkuError(f"{path}: unsupported file type; expected .json, .jsonl, .csv or .parquet")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SkuError(f"{path}: unreadable: {e}") from None
-    return reader(path, text)
+    return reader(path, read_text(path, encoding="utf-8-sig"))
 
 
 def _read_hub(source: str) -> tuple[str, list]:

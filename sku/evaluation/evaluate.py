@@ -329,6 +329,9 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     except taskvec.TaskVecError as e:
         raise SkuError(str(e)) from None
     judge = judge_of(options)
+    cache = None  # read now: a bad cache path is refused before any generation
+    if options.judge != "keyword":
+        cache = VerdictCache(options.judge_cache or out / "judge-cache.jsonl")
     specs = model_specs(run, base, options)
 
     generations = out / "generations"
@@ -340,9 +343,6 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
         sets[spec.label] = responses_for(spec, splits, options, template, cache_dir, out, base)
 
     logger.info(f"judging with {judge.name}")
-    cache = None
-    if options.judge != "keyword":
-        cache = VerdictCache(options.judge_cache or out / "judge-cache.jsonl")
     pairs = [(label, name, i) for label in sets for name in HARMFUL_SPLITS
              for i in range(len(splits[name]))]
     flat_verdicts = judge_pairs(judge, [(splits[n][i], sets[label][n][i]) for label, n, i in pairs],

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from sku.errors import SkuError, refuse_existing
-from sku.run import RunFolder
+from sku.run import SPLITS, RunFolder
 from taskvec import write_atomic, write_json
 
 METHOD_LABELS = {"ft": "FT", "task_vector": "Task Vector", "ga": "GA",
@@ -61,6 +61,27 @@ def empty_responses(split: dict) -> int:
     return split.get("empty", split.get("n", 0) if split.get("tokens") == 0 else 0)
 
 
+# What a report reads of a metrics.json; a partial file (cut short, or hand-edited) is refused.
+_METRICS_KEYS = {"method": str, "model": str, "run": str, "judge": dict, "decoding": dict,
+                 "perplexity_model": dict, "bleurt_model": dict, "original": dict, "final": dict}
+
+
+def _missing_key(metrics) -> str | None:
+    if not isinstance(metrics, dict):
+        return "object"
+    for key, kind in _METRICS_KEYS.items():
+        if not isinstance(metrics.get(key), kind):
+            return key
+    for key in ("name", "prompt_version"):
+        if key not in metrics["judge"]:
+            return f"judge.{key}"
+    for model in ("original", "final"):
+        for split in SPLITS:
+            if not isinstance(metrics[model].get(split, {}), dict):
+                return f"{model}.{split}"
+    return None
+
+
 def load_metrics(path: str | Path) -> dict:
     """metrics.json from an EVAL folder, a RUN folder (RUN/eval/), or the file itself."""
     path = Path(path)
@@ -68,10 +89,11 @@ def load_metrics(path: str | Path) -> dict:
         if candidate.is_file():
             try:
                 metrics = json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, ValueError) as e:  # ValueError: JSON, UTF-8
                 raise SkuError(f"{candidate}: unreadable: {e}") from None
-            if not isinstance(metrics, dict) or "final" not in metrics:
-                raise SkuError(f"{candidate}: not an `sku eval` metrics.json")
+            missing = _missing_key(metrics)
+            if missing:
+                raise SkuError(f"{candidate}: not an `sku eval` metrics.json (no {missing})")
             metrics["source"] = str(candidate)
             return metrics
     raise SkuError(f"{path}: no metrics.json (run `sku eval --run RUN` first)")

@@ -8,13 +8,26 @@ The rows of a step are a pure function of (seed, step), so the step is the data 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
+from sku.errors import SkuError, first_line
 from sku.train.loop import NonFiniteLoss
 from taskvec import OutputDir
+
+
+@contextmanager
+def saving(folder: Path):
+    """A library's error while writing `folder` as one line naming it: safetensors' own names
+    no file ("I/O error: No space left on device")."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise SkuError(f"{folder}: cannot save: {first_line(e)}") from None
 
 
 def keep_trainable(models, weights, output_dir) -> None:
@@ -26,7 +39,7 @@ def keep_trainable(models, weights, output_dir) -> None:
             del state[name]
 
 
-def _weights_finite(model, accelerator) -> bool:
+def weights_finite(model, accelerator) -> bool:
     """Every trained tensor finite on every process (its local shard under FSDP)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()
              if p.requires_grad]
@@ -41,10 +54,10 @@ def save_checkpoint(folder: Path, step: int, accelerator, model) -> None:
     that are not finite are never checkpointed: the last good one stays."""
     from accelerate.utils import broadcast_object_list
 
-    if not _weights_finite(model, accelerator):
+    if not weights_finite(model, accelerator):
         raise NonFiniteLoss(step, "weights are not finite")
     main = accelerator.is_main_process
-    with OutputDir(folder, force=True) if main else nullcontext() as tmp:
+    with saving(folder), OutputDir(folder, force=True) if main else nullcontext() as tmp:
         tmp = Path(broadcast_object_list([str(tmp) if main else ""])[0])
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()

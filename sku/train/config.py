@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from sku.data.template import TEMPLATES
 from sku.dtypes import DTYPES
-from sku.errors import SkuError, first_line
+from sku.errors import SkuError, first_line, read_text
 from sku.settings import (
     BOOL,
     INT,
@@ -36,6 +37,7 @@ from sku.train.methods import METHODS
 from sku.train.teacher import TEACHER_CHOICES
 
 _RECIPES = resources.files("sku.train") / "recipes"
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _steps(text: str) -> list[int]:
@@ -139,11 +141,14 @@ def load_recipe(name_or_path: str) -> dict:
                            f"({', '.join(recipe_names())})")
         path = _RECIPES / f"{name_or_path}.yaml"
     try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
+        recipe = yaml.safe_load(read_text(path)) or {}
+    except yaml.YAMLError as e:
         raise SkuError(f"{name_or_path}: unreadable recipe: {first_line(e)}") from None
     if not isinstance(recipe, dict):
         raise SkuError(f"{name_or_path}: a recipe is a mapping of settings")
+    for key, value in recipe.items():  # YAML 1.1 reads `lr: 1e-4` (no dot) as a string
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            recipe[key] = float(value)
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
     if unknown:
         raise SkuError(f"{name_or_path}: unknown setting {unknown[0]}; "

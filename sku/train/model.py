@@ -83,9 +83,11 @@ def load_model(config, compute: torch.dtype, params: torch.dtype, device: torch.
     if config.quantize:
         kwargs["quantization_config"] = _quantization(config.quantize, compute)
         kwargs["device_map"] = {"": device}
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(model_source(config.model), **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a damaged checkpoint
         raise cannot_load(config.model, "the model", e) from None
     _check_plain_head(model, config.model)
     model.config.use_cache = False

@@ -21,7 +21,14 @@ from sku.errors import SkuError, cannot_load, refuse_existing
 from sku.log import main_process_logger
 from sku.run import SPLITS, RunFolder
 from sku.train.batch import StepBuilder, schedule
-from sku.train.checkpoint import checkpoint_step, keep_trainable, load_checkpoint, save_checkpoint
+from sku.train.checkpoint import (
+    checkpoint_step,
+    keep_trainable,
+    load_checkpoint,
+    save_checkpoint,
+    saving,
+    weights_finite,
+)
 from sku.train.config import UnlearnConfig
 from sku.train.loop import NonFiniteLoss, train
 from sku.train.loss import TrainingModule
@@ -68,6 +75,8 @@ def base_checkpoint(name: str, *, lora: bool) -> tuple[Path, torch.dtype]:
     except taskvec.TaskVecError as e:
         if lora:
             raise SkuError(f"{e} (a LoRA run merges its adapter into this checkpoint)") from None
+        if any(folder.glob("*.safetensors")):  # a safetensors checkpoint that is damaged
+            raise SkuError(str(e)) from None
         config = json.loads((folder / "config.json").read_text())
         dtypes = [config.get("dtype") or config.get("torch_dtype") or "float32"]
     if len(dtypes) != 1:
@@ -129,14 +138,15 @@ def _micro_batch_size(config: UnlearnConfig, world: int) -> int:
 RESUME_MAY_CHANGE = {"lr"}
 
 
-def _prepare_folder(run: RunFolder, config: UnlearnConfig, accelerator, *, resume: bool,
-                    force: bool) -> dict:
-    """Checks on every process (so all raise together), changes on the main one. Returns the
-    settings a resume changes, {key: [was, now]}."""
+def _check_folder(run: RunFolder, config: UnlearnConfig, *, resume: bool, force: bool) -> dict:
+    """The refusals, on every process (so all raise together), before anything is changed.
+    Returns the settings a resume changes, {key: [was, now]}."""
     out, changed = run.path, {}
+    if out.exists() and not out.is_dir():
+        raise SkuError(f"{out}: is a file, not a run folder")
     if resume:
         if not run.run_json.is_file():
-            raise SkuError(f"{out}: nothing to resume (no run.json)")
+            raise SkuError(f"{out}: nothing to resume (no run.json); start it without --resume")
         saved, now = run.read_run()["config"], config.as_dict()
         for key in saved.keys() - {"out"}:
             if saved[key] != now.get(key):
@@ -151,14 +161,29 @@ def _prepare_folder(run: RunFolder, config: UnlearnConfig, accelerator, *, resum
         if foreign:
             raise SkuError(f"{out}: not a sku run folder (it holds {foreign[0]}); "
                            "refusing to replace it")
+    return changed
+
+
+def _empty(folder: Path) -> None:
+    """Remove what is in `folder` (only sku's entries, as _check_folder made sure), keeping the
+    folder itself, which may be a symlink to another disk."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _prepare_folder(run: RunFolder, accelerator, *, resume: bool) -> None:
+    """An empty run folder for a new run (a forced one's old entries removed); as it is for a
+    resumed one. Changes on the main process only."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if not resume and out.exists():
-            shutil.rmtree(out)
+        if not resume and run.path.is_dir():
+            _empty(run.path)
         # Empty until run.json is written: a run that fails before can be rerun as it was.
-        out.mkdir(parents=True, exist_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    return changed
 
 
 class Saver:
@@ -177,7 +202,7 @@ class Saver:
         model = accelerator.unwrap_model(self.module).model
         state = accelerator.get_state_dict(self.module)
         if accelerator.is_main_process:
-            with OutputDir(folder, force=True) as tmp:
+            with saving(folder), OutputDir(folder, force=True) as tmp:
                 if self.lora:  # peft keeps the adapter's tensors of the whole state
                     model.save_pretrained(tmp, state_dict=self._own(state, None))
                 else:
@@ -269,11 +294,13 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
         train(module, optimizer, scheduler, builder, accelerator, start_step=start,
               max_steps=config.max_steps, micro_batch_size=micro, teacher_cache=cache,
               on_step=on_step)
+        if not weights_finite(module, accelerator):  # stage 1 is never saved with NaN/Inf
+            raise NonFiniteLoss(config.max_steps, "weights are not finite")
     except NonFiniteLoss as e:
         last = checkpoint_step(checkpoint)
         kept = (f"the last good checkpoint (step {last}) is kept in {checkpoint}; fix the "
                 "cause and --resume (a lower --lr is accepted)" if last
-                else "no checkpoint was saved yet")
+                else "no checkpoint was saved yet, so the run folder is left empty")
         raise SkuError(f"{e}: stopped; {kept}") from None
     stage1 = run.stage1(negate=method.negate, lora=config.lora)
     saver.save(stage1)
@@ -361,11 +388,14 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
     accelerator, precision = _accelerator(config)
     method, run = METHODS[config.method], RunFolder(config.out)
     micro = _micro_batch_size(config, accelerator.num_processes)
+    changed = _check_folder(run, config, resume=resume, force=force)
+    torch.manual_seed(config.seed)
+    # Whatever can be refused is, before a forced run's old folder is emptied.
     tokenizer = load_tokenizer(config.model)
     TEMPLATES[config.template].check(tokenizer)
-    changed = _prepare_folder(run, config, accelerator, resume=resume, force=force)
-    torch.manual_seed(config.seed)
+    base_checkpoint(config.model, lora=config.lora)
     pools, splits, provenance = prepare_data(config, method, tokenizer)
+    _prepare_folder(run, accelerator, resume=resume)
     if accelerator.is_main_process and changed:
         record = run.read_run()
         record["config"].update({key: now for key, (_, now) in changed.items()})
@@ -383,8 +413,16 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
             "device": str(accelerator.device), "data": provenance, "versions": _versions()})
         run.snapshots.mkdir()
     accelerator.wait_for_everyone()
-    if not run.stage1(negate=method.negate, lora=config.lora).exists():
-        _stage1(config, method, accelerator, precision, tokenizer, pools, run, micro, resume)
+    stage1 = run.stage1(negate=method.negate, lora=config.lora)
+    if not stage1.exists():
+        try:
+            _stage1(config, method, accelerator, precision, tokenizer, pools, run, micro, resume)
+        except BaseException:
+            # Nothing to resume from yet: leave the folder empty, so that a plain rerun runs.
+            if (not resume and accelerator.is_main_process and not stage1.exists()
+                    and checkpoint_step(run.checkpoint) is None):
+                _empty(run.path)
+            raise
     elif accelerator.is_main_process:  # killed after saving stage 1, before removing this
         shutil.rmtree(run.checkpoint, ignore_errors=True)
     if accelerator.is_main_process and not run.model.exists():

@@ -13,3 +13,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """The tiny Llama of tests.support.sku.tiny_model, saved once per session."""
+    from tests.support.sku import tiny_model
+
+    return tiny_model("llama", tmp_path_factory.getbasetemp())

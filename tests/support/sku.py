@@ -146,3 +146,17 @@ def write_bleurt(folder, embedding_size=None):
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"do_lower_case": True, "tokenizer_class": "BleurtTokenizer"}))
     return model
+
+
+def assert_sku_error(proc: subprocess.CompletedProcess, *needles: str,
+                     only_line: bool = True) -> str:
+    """Exit 1 and no traceback; the last stderr line is `sku: error: …` holding every needle
+    (with only_line, it is the only line: nothing was logged, so nothing had started)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines and lines[-1].startswith("sku: error: "), proc.stderr[-3000:]
+    assert not only_line or len(lines) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], (needle, lines[-1])
+    return lines[-1]

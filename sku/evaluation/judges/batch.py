@@ -76,6 +76,14 @@ def judge_pairs(judge, pairs: Sequence[tuple[str, str]], cache: VerdictCache | N
                     log.warning("judging interrupted: %d verdicts are cached in %s; a rerun "
                                 "asks only for the rest", len(cache.verdicts), cache.path)
                 raise
+            except JudgeError as e:  # the asking stopped (server, quota, disk): say what is kept
+                if cache is None:
+                    raise
+                lost = (f", {cache.unsaved} paid verdict(s) could not be saved"
+                        if cache.unsaved else "")
+                raise type(e)(f"{e}; {len(cache.verdicts) - cache.unsaved} verdicts are cached "
+                              f"in {cache.path}{lost}; a rerun asks only for the rest"
+                              ) from None
     if unreadable:
         raise JudgeError(f"{len(unreadable)} of {len(pairs)} judge replies could not be read "
                          f"(first: {unreadable[0]}); rerun to ask for those again")

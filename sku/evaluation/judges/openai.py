@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
+from sku.errors import first_line
 from sku.evaluation.judges.parse import parse_verdict
 from sku.evaluation.judges.prompt import RESPONSE_SCHEMA, build_messages, examples_tag
 from sku.evaluation.judges.verdict import JudgeError, Verdict
@@ -48,7 +50,9 @@ class OpenAIJudge:
             try:
                 reply = self.client.chat.completions.create(
                     model=self.model, messages=messages, **optional)
-                return reply.choices[0].message.content or ""
+            except json.JSONDecodeError as e:  # a body that is not JSON (decoded as is)
+                raise JudgeError(f"judge server {self.url} answered malformed JSON: "
+                                 f"{first_line(e)}") from None
             except self._openai.BadRequestError as e:
                 rejected = [key for key in optional if key in str(e)]
                 if not rejected:
@@ -56,6 +60,15 @@ class OpenAIJudge:
                 with self._lock:
                     for key in rejected:
                         self._optional.pop(key, None)
+                continue
+            try:  # the SDK builds the reply from the body unchecked
+                content = reply.choices[0].message.content
+                if content is None or isinstance(content, str):
+                    return content or ""
+            except (AttributeError, IndexError, KeyError, TypeError):
+                pass
+            raise JudgeError(f"judge server {self.url} answered JSON that is not a chat "
+                             "completion (no choices[0].message.content string)")
 
     def __call__(self, prompt: str, response: str) -> Verdict:
         openai = self._openai

@@ -1,0 +1,349 @@
+"""Hostile files, faults and signals on the sku side (issue 10): each case ends in a correct
+result or one line `sku: error: …` with a non-zero exit, and nothing a user had is lost. Real
+files, real subprocesses and signals, a real tmpfs for a full disk, and the real loopback HTTP
+judge server of test_eval_openai."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sku.data.readers import load_forget
+from sku.errors import SkuError
+from sku.evaluation.judges import Verdict, VerdictCache
+from sku.run import RunFolder
+from sku.train.config import resolve_config
+from tests.sku.test_eval_openai import FakeOpenAI, cli_env, write_rows
+from tests.support.sku import (
+    PKU_V1,
+    TRUTHFULQA,
+    assert_sku_error,
+    run_sku,
+    unlearn_args,
+)
+
+
+def _required(tiny_llama: Path, out: Path) -> list[str]:
+    return ["unlearn", "--method", "sku", "--model", str(tiny_llama), "--forget-data", str(PKU_V1),
+            "--normal-data", str(TRUTHFULQA), "--out", str(out)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: nothing a user had is lost, nothing half-made is left
+
+
+def test_force_refuses_a_folder_holding_a_git_repository_and_keeps_it(tiny_llama, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    subprocess.run(["git", "init", "-q", str(run)], check=True)
+    (run / "run.json").write_text("{}\n")  # it looks like a run folder otherwise
+    assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run), "--force"), ".git",
+                     "not a sku run folder")
+    assert (run / ".git" / "HEAD").is_file() and (run / "run.json").read_text() == "{}\n"
+
+
+def test_our_own_hidden_temporaries_are_not_foreign(tmp_path):
+    run = RunFolder(tmp_path)
+    for name in (".theta_o.taskvec-tmp-123", ".run.json.tmp-9", ".model.taskvec-old-7"):
+        (tmp_path / name).mkdir()
+    assert run.foreign_entries() == []
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".modelx").mkdir()  # not a temporary of `model`
+    assert run.foreign_entries() == [".git", ".modelx"]
+
+
+def test_out_that_is_a_file_is_refused_and_kept(tiny_llama, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine\n")
+    assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, out), "--force"), str(out),
+                     "is a file")
+    assert out.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_truncated_model_is_one_line_before_the_run_folder_changes(tiny_llama, tmp_path, lora):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}\n")  # an old run, which --force would replace
+    extra = ["--lora"] if lora else []
+    assert_sku_error(run_sku(*unlearn_args("sku", model, run), "--force", *extra),
+                     str(weights), "truncated", only_line=False)
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+
+
+def test_a_run_that_fails_before_any_checkpoint_leaves_nothing_and_reruns(tiny_llama, tmp_path):
+    """lr 1e30 makes the weights Inf (or the loss NaN) within the first steps: nothing can be
+    resumed, so nothing is kept (stage 1 is never saved with non-finite weights), and a plain
+    rerun is not refused."""
+    run = tmp_path / "run"
+    line = assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run), "--lr", "1e30"),
+                            "no checkpoint was saved yet", "left empty", only_line=False)
+    assert "finite" in line or "loss is" in line
+    assert list(run.iterdir()) == []
+    resumed = run_sku(*unlearn_args("sku", tiny_llama, run), "--resume")
+    assert_sku_error(resumed, "nothing to resume", "without --resume", only_line=False)
+    rerun = run_sku(*unlearn_args("sku", tiny_llama, run))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (run / "model").is_dir()
+
+
+@pytest.mark.parametrize(("recipe", "flags", "needle"), [
+    ("scale: .inf\n", [], "scale inf"),
+    ("eps: [.nan, 1.0, 1.0]\n", [], "eps"),
+    (None, ["--scale", "inf"], "scale inf"),
+    (None, ["--scale", "nan"], "scale nan"),
+    (None, ["--lr=-inf"], "lr -inf"),
+    ("max_steps: true\n", [], "max_steps True"),  # bool is an int in Python
+    ("save_steps: 3\n", [], "save_steps 3"),
+    ("weight_decay: abc\n", [], "weight_decay 'abc'"),
+    ("seed: 1.5\n", [], "seed 1.5"),
+    ("lora_targets: 5\n", [], "lora_targets 5"),
+    ("scale: abc\n", [], "scale 'abc'"),
+    (None, ["--weight-decay", "-1"], "weight_decay -1.0"),
+    (b"seed: \xff\xfe\n", [], "not UTF-8"),
+])
+def test_every_setting_is_refused_before_anything_starts(tiny_llama, tmp_path, recipe, flags,
+                                                         needle):
+    """One line and nothing else (no step, no log line), and no run folder made."""
+    run = tmp_path / "run"
+    if recipe is not None:
+        path = tmp_path / "recipe.yaml"
+        path.write_bytes(recipe if isinstance(recipe, bytes) else recipe.encode())
+        flags = [*flags, "--config", str(path)]
+    assert_sku_error(run_sku(*_required(tiny_llama, run), *flags), needle)
+    assert not run.exists()
+
+
+def test_a_recipe_number_with_an_exponent_and_no_dot_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; it is meant as a number."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("lr: 1e-4\nweight_decay: 5E-3\nmax_steps: 3\n")
+    config = resolve_config({"method": "sku", "model": "m", "forget_data": "f",
+                             "normal_data": "n", "out": "o"}, str(path), {})
+    assert (config.lr, config.weight_decay, config.max_steps) == (1e-4, 5e-3, 3)
+
+
+def test_a_torn_last_line_of_the_train_log_is_dropped_on_resume(tmp_path):
+    run = RunFolder(tmp_path)
+    steps = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5))
+    run.train_log.write_text(steps + '{"step": 5, "loss": 0.')  # killed mid-write
+    run.truncate_log(3)
+    assert [json.loads(line)["step"] for line in run.train_log.read_text().splitlines()] == [
+        1, 2, 3]
+    run.train_log.write_text(steps.replace('{"step": 2', '{"step: 2', 1))
+    with pytest.raises(SkuError, match=r"train_log.jsonl:2: not a step record"):
+        run.truncate_log(3)  # not what a kill leaves: named, not dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and input files
+
+
+def test_a_csv_field_over_128_kib_is_read(tmp_path):
+    rows = [json.loads(line) for line in PKU_V1.read_text().splitlines()]
+    long = "step " * 40_000  # 200 kB, over csv's default field limit of 128 KiB
+    rows[0] = {**rows[0], "response_0": long, "is_response_0_safe": False}
+    path = tmp_path / "pku.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert long.strip() in {pair.response for pair in load_forget(str(path)).harmful}
+
+
+def test_a_corrupt_parquet_file_is_one_line(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "pku.parquet"
+    path.write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")
+    with pytest.raises(SkuError, match="not a readable parquet file"):
+        load_forget(str(path))
+
+
+def test_inputs_that_are_not_utf8_are_one_line(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"prompt": "caf\xe9", "response": "r"}\n')  # Latin-1
+    proc = run_sku("judge", "--input", str(rows), "--out", str(tmp_path / "v.jsonl"),
+                   "--judge", "keyword")
+    assert_sku_error(proc, str(rows), "not UTF-8", "0xe9")
+    with pytest.raises(SkuError, match="not UTF-8"):
+        load_forget(str(rows))
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('{"method": "sku", "final": {}}', "no model"),  # partial: written by hand, or old
+    ('{"method": "sku", "final": {', "unreadable"),  # cut short
+    (b'{"method": "\xff"}', "unreadable"),
+])
+def test_report_on_a_partial_metrics_json_is_one_line(tmp_path, text, needle):
+    metrics = tmp_path / "eval" / "metrics.json"
+    metrics.parent.mkdir()
+    metrics.write_bytes(text if isinstance(text, bytes) else text.encode())
+    proc = run_sku("report", str(metrics.parent), "--out", str(tmp_path / "report"))
+    assert_sku_error(proc, str(metrics), needle)
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge: its cache and its server
+
+
+def _verdict(reason: str) -> dict:
+    return {"harmful": False, "category": "g", "reason": reason, "judge": "openai:m"}
+
+
+def test_a_cache_line_cut_inside_a_utf8_character_is_ignored(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    good = json.dumps({"key": "k1", "verdict": _verdict("déclin")}, ensure_ascii=False)
+    torn = json.dumps({"key": "k2", "verdict": _verdict("refusé")}, ensure_ascii=False)
+    cut = torn.encode()
+    cut = cut[:cut.index("é".encode()) + 1]  # killed inside "é", a two-byte character
+    path.write_bytes((good + "\n").encode() + cut)
+    cache = VerdictCache(path)
+    assert set(cache.verdicts) == {"k1"} and cache.verdicts["k1"].reason == "déclin"
+    cache.put("k3", Verdict(True, "a", "ça", "openai:m"))
+    assert set(VerdictCache(path).verdicts) == {"k1", "k3"}  # and every later run reads it
+
+
+class Answers(FakeOpenAI):
+    """A FakeOpenAI that answers its first `good` requests as a chat completion, then `body`
+    (raw bytes, served as JSON)."""
+
+    def __init__(self, body: bytes, good: int):
+        super().__init__()
+        self.body, self.good = body, good
+
+    def _reply(self, handler, body, prompt, response):
+        if len(self.requests) <= self.good:
+            return super()._reply(handler, body, prompt, response)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(self.body)))
+        handler.end_headers()
+        handler.wfile.write(self.body)
+
+
+def _judge(tmp_path: Path, url: str, cache: Path | str, *extra: str):
+    write_rows(tmp_path / "in.jsonl", 5)
+    return subprocess.run(
+        [sys.executable, "-m", "sku", "judge", "--input", str(tmp_path / "in.jsonl"), "--out",
+         str(tmp_path / "out.jsonl"), "--judge", "openai", "--judge-model", "m", "--base-url",
+         url, "--cache", str(cache), "--concurrency", "1", "--max-retries", "0", *extra],
+        capture_output=True, text=True, env=cli_env(), timeout=60)
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    (b'{"id": "chatcmpl-1", "choices": [{"mess', "malformed JSON"),
+    (b'{"id": "chatcmpl-1", "object": "chat.completion"}', "not a chat completion"),
+    (b'{"choices": [{"message": null}]}', "not a chat completion"),
+    (b'{"choices": [{"message": {"content": 7}}]}', "not a chat completion"),
+])
+def test_a_server_answering_something_else_is_one_line_that_says_what_was_kept(
+        tmp_path, monkeypatch, body, needle):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = Answers(body, good=2)
+    try:
+        cache = tmp_path / "cache.jsonl"
+        line = assert_sku_error(_judge(tmp_path, server.url, cache), needle,
+                                f"2 verdicts are cached in {cache}")
+        assert server.url.rstrip("/") in line
+        assert len(VerdictCache(cache).verdicts) == 2 and len(server.requests) == 3
+    finally:
+        server.close()
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_cache_that_is_a_folder_is_refused_before_any_paid_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = FakeOpenAI()
+    try:
+        folder = tmp_path / "cache"
+        folder.mkdir()
+        assert_sku_error(_judge(tmp_path, server.url, folder), str(folder), "is a folder")
+        assert server.requests == []
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (a disk that fills up), where this runs as root and may mount."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+            capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_paid_requests_and_says_how_many_verdicts_were_kept(
+        tmp_path, monkeypatch, tiny_tmpfs):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    cache = tiny_tmpfs / "cache.jsonl"
+    (tiny_tmpfs / "filler").write_bytes(b"\0" * (60 * 1024))  # the cache gets one page,
+    cache.write_bytes(b"x" * (4096 - 400) + b"\n")  # most of it an unreadable line: room for 2
+    server = FakeOpenAI()
+    try:
+        line = assert_sku_error(_judge(tmp_path, server.url, cache), str(cache),
+                                "No space left on device", "could not be saved")
+        kept = len(VerdictCache(cache).verdicts)
+        assert f"{kept} verdicts are cached" in line
+        lost = int(line.split(" paid verdict")[0].rsplit(", ", 1)[-1])
+        assert kept + lost == len(server.requests) < 5  # it stopped asking
+    finally:
+        server.close()
+
+
+def test_a_full_disk_during_a_run_names_the_folder_and_leaves_it_empty(tiny_llama, tiny_tmpfs):
+    run = tiny_tmpfs / "run"  # θ_o's copy is the first thing too big for it
+    line = assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run)), str(run / "theta_o"),
+                            "cannot save", "No space left on device", only_line=False)
+    assert ": :" not in line and list(run.iterdir()) == []
+
+
+def test_a_cache_on_dev_full_is_one_line(tmp_path, monkeypatch):
+    """/dev/full: every write fails with ENOSPC (no root needed), and it is never read."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = FakeOpenAI()
+    try:
+        line = assert_sku_error(_judge(tmp_path, server.url, "/dev/full"), "/dev/full",
+                                "No space left on device", "1 paid verdict(s) could not be "
+                                "saved")
+        assert "0 verdicts are cached" in line and len(server.requests) == 1
+    finally:
+        server.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+
+
+def test_ctrl_c_while_sku_starts_exits_130_without_a_traceback(tiny_llama, tmp_path):
+    """SIGINT at moments spread over the start-up (torch's import takes seconds), after
+    Python's own start-up (whose SIGINT handling is Python's)."""
+    args = [sys.executable, "-m", "sku", *unlearn_args("sku", tiny_llama, tmp_path / "run")]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    for delay in (0.15, 0.3, 0.5, 0.8, 1.2, 1.8, 2.5):
+        with subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env=env) as proc:
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+        assert "Traceback" not in stderr, (delay, stderr[-3000:])
+        if proc.returncode != 0:  # a run that finished first is fine too
+            assert proc.returncode == 130 and stderr.strip().endswith("sku: interrupted"), (
+                delay, proc.returncode, stderr[-3000:])
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
