@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace) -> None:
 
     writer = {"force": args.force, "max_shard_size": args.max_shard_size,
               "allow_vocab_mismatch": args.allow_vocab_mismatch} if hasattr(args, "out") else {}
-    if getattr(args, "buffer_mb", None):
+    if getattr(args, "buffer_mb", None) is not None:
         writer["buffer_mb"] = args.buffer_mb
     if args.command == "diff":
         out = taskvec.diff(args.base, args.tuned, args.out, dtype=args.dtype, **writer)
