@@ -79,9 +79,10 @@ def parse_config(config, path: Path) -> LoraSettings:
         if config.get(key):
             raise TaskVecError(f"{path}: {key} is set: {why}; not supported")
 
-    def field(key):  # null is what peft's from_pretrained turns into the default, too
-        value = config.get(key)
-        return PEFT_DEFAULTS[key] if value is None else value
+    def field(key):
+        value = config.get(key, PEFT_DEFAULTS[key])
+        # peft reads a null switch or pattern as off / empty; a null r or lora_alpha breaks it
+        return PEFT_DEFAULTS[key] if value is None and key not in ("r", "lora_alpha") else value
 
     patterns = {}
     for key, check in (("rank_pattern", lambda v, w: jsonfile.integer(v, w, minimum=1)),
