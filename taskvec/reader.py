@@ -127,7 +127,8 @@ def parse_header(raw: bytes, file_size: int, path: Path) -> tuple[dict, list[Ten
     and dtype and tile the data region exactly (no overlap, hole or trailing byte)."""
     header = jsonfile.mapping(jsonfile.parse(raw, f"{path}: safetensors header"),
                               f"{path}: safetensors header")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise TaskVecError(f"{path}: __metadata__ must map names to strings")
     data_start = 8 + len(raw)

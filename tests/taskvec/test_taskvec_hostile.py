@@ -96,6 +96,9 @@ HEADERS = {
     "negative_dimension": _set("c.bias", "shape", [-8]),
     "entry_not_an_object": lambda h, d: _raw({**h, "a.weight": [1, 2]}, d),
     "metadata_as_list": lambda h, d: _raw({**h, "__metadata__": ["format", "pt"]}, d),
+    "metadata_as_empty_list": lambda h, d: _raw({**h, "__metadata__": []}, d),  # found by fuzz
+    "newline_in_a_bad_tensor_name": lambda h, d: _raw(  # found by fuzz: still one line
+        {**h, "x\ny": {"dtype": "F99", "shape": [], "data_offsets": [0, 0]}}, d),
     "metadata_as_string": lambda h, d: _raw({**h, "__metadata__": "pt"}, d),
     "metadata_value_not_a_string": lambda h, d: _raw({**h, "__metadata__": {"n": 1}}, d),
     "header_a_list": lambda h, d: _raw(h, d, text="[1, 2]"),
