@@ -24,7 +24,7 @@ import torch
 
 import taskvec
 from taskvec.writer import OutputDir
-from tests.support.checkpoints import read_tensors, tree_digest, write_checkpoint
+from tests.support.checkpoints import random_pair, read_tensors, tree_digest
 from tests.support.cli import assert_one_line, cli_env
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -36,12 +36,7 @@ _CALL = re.compile(r"^(\d+) +(\w+)\((.*?)(?:\) += |\s*<unfinished)")
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    sides = []
-    for side, seed in (("base", 0), ("tuned", 1)):
-        generator = torch.Generator().manual_seed(seed)
-        tensors = {f"layers.{i}.weight": torch.randn(64, 64, generator=generator)
-                   for i in range(4)}
-        sides.append(write_checkpoint(root / side, tensors, shards=2))
+    sides = random_pair(root, {f"layers.{i}.weight": (64, 64) for i in range(4)}, shards=2)
     reference = taskvec.negate(*sides, root / "reference")
     return sides[0], sides[1], read_tensors(reference)
 

@@ -25,6 +25,7 @@ from tests.support.checkpoints import (
     assert_close_ulp,
     copy_checkpoint,
     peft_delta,
+    random_pair,
     read_header,
     read_tensors,
     write_checkpoint,
@@ -34,15 +35,8 @@ from tests.support.cli import assert_cli_error, assert_one_line, cli_env, run_cl
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small")
-    sides = []
-    for side, seed in (("base", 0), ("tuned", 1)):
-        generator = torch.Generator().manual_seed(seed)
-        sides.append(write_checkpoint(root / side, {
-            "a.weight": torch.randn(8, 8, generator=generator),
-            "b.weight": torch.randn(4, 8, generator=generator),
-            "c.bias": torch.randn(8, generator=generator)}))
-    return sides
+    return random_pair(tmp_path_factory.mktemp("small"),
+                       {"a.weight": (8, 8), "b.weight": (4, 8), "c.bias": (8,)})
 
 
 def _raw(header: dict, data: bytes, *, text: str | None = None) -> bytes:
