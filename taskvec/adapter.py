@@ -11,15 +11,15 @@ them lives in sources.py (deltas) and inspection.py (norms).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from taskvec import jsonfile
 from taskvec.errors import TaskVecError
-from taskvec.reader import Checkpoint
+from taskvec.reader import FLOAT_DTYPES, Checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,6 +36,10 @@ UNSUPPORTED = {
     "layer_replication": "layer_replication changes the model's layer structure",
     "trainable_token_indices": "trainable tokens are not supported",
 }
+# What peft assumes for a field the config leaves out (peft.LoraConfig's defaults; a test keeps
+# them equal to the installed peft's).
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False,
+                 "rank_pattern": {}, "alpha_pattern": {}}
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$"
                      r"|^(?P<emodule>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)$")
 
@@ -50,6 +54,53 @@ def _pattern_value(patterns: dict, module: str, default):
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The fields of adapter_config.json that decide the merge, checked, peft's defaults filled."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    fan_in_fan_out: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+
+def parse_config(config, path: Path) -> LoraSettings:
+    """adapter_config.json's parsed JSON -> LoraSettings, or one TaskVecError naming the field."""
+    config = jsonfile.mapping(config, f"{path}: the adapter config")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise TaskVecError(f"{path}: peft_type {peft_type!r} is not supported "
+                           "(only LoRA adds a linear delta s·B·A)")
+    for key, why in UNSUPPORTED.items():
+        if config.get(key):
+            raise TaskVecError(f"{path}: {key} is set: {why}; not supported")
+
+    def field(key):
+        value = config.get(key, PEFT_DEFAULTS[key])
+        # peft reads a null switch or pattern as off / empty; a null r or lora_alpha breaks it
+        return PEFT_DEFAULTS[key] if value is None and key not in ("r", "lora_alpha") else value
+
+    patterns = {}
+    for key, check in (("rank_pattern", lambda v, w: jsonfile.integer(v, w, minimum=1)),
+                       ("alpha_pattern", jsonfile.number)):
+        patterns[key] = {}
+        for pattern, value in jsonfile.mapping(field(key), f"{path}: {key}").items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise TaskVecError(f"{path}: {key} key {pattern!r} is not a regular "
+                                   f"expression: {e}") from None
+            patterns[key][pattern] = check(value, f"{path}: {key}[{pattern!r}]")
+    return LoraSettings(
+        r=jsonfile.integer(field("r"), f"{path}: r", minimum=1),
+        lora_alpha=jsonfile.number(field("lora_alpha"), f"{path}: lora_alpha"),
+        use_rslora=jsonfile.boolean(field("use_rslora"), f"{path}: use_rslora"),
+        fan_in_fan_out=jsonfile.boolean(field("fan_in_fan_out"), f"{path}: fan_in_fan_out"),
+        **patterns)
 
 
 @dataclass(frozen=True)
@@ -73,17 +124,7 @@ class Adapter:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         config_path = self.folder / CONFIG_NAME
-        try:
-            self.config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as e:
-            raise TaskVecError(f"{config_path}: unreadable adapter config: {e}") from None
-        peft_type = self.config.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise TaskVecError(f"{config_path}: peft_type {peft_type} is not supported "
-                               "(only LoRA adds a linear delta s·B·A)")
-        for key, why in UNSUPPORTED.items():
-            if self.config.get(key):
-                raise TaskVecError(f"{config_path}: {key} is set: {why}; not supported")
+        self.settings = parse_config(jsonfile.load(config_path), config_path)
         if not (self.folder / WEIGHTS_NAME).is_file():
             raise TaskVecError(f"{self.folder}: adapter folder has no {WEIGHTS_NAME}")
         self.checkpoint = Checkpoint(self.folder / WEIGHTS_NAME)
@@ -106,7 +147,7 @@ class Adapter:
             target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
             edits.setdefault(target, TensorEdit(target)).replacement = key
 
-        use_rslora = bool(self.config.get("use_rslora"))
+        settings = self.settings
         for module, pair in factors.items():
             embedding = "lora_embedding_A" in pair or "lora_embedding_B" in pair
             a_key = pair.get("lora_embedding_A" if embedding else "lora_A")
@@ -114,19 +155,27 @@ class Adapter:
             if a_key is None or b_key is None:
                 raise TaskVecError(f"{self.checkpoint.path}: module {module} has only one "
                                    "LoRA factor")
-            rank = self.checkpoint.tensors[a_key].shape[0]
-            r = _pattern_value(self.config.get("rank_pattern") or {}, module,
-                               self.config.get("r", rank))
+            rank = self._check_factors(module, a_key, b_key)
+            r = _pattern_value(settings.rank_pattern, module, settings.r)
             if r != rank:
                 raise TaskVecError(f"{config_path}: module {module}: rank {r} in the config but "
                                    f"{rank} in tensor {a_key}")
-            alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module,
-                                   self.config.get("lora_alpha", r))
-            scale = alpha / (math.sqrt(r) if use_rslora else r)
+            alpha = _pattern_value(settings.alpha_pattern, module, settings.lora_alpha)
+            scale = alpha / (math.sqrt(r) if settings.use_rslora else r)
             target = f"{module}.weight"
             edits.setdefault(target, TensorEdit(target)).lora = LoraFactors(
                 a_key, b_key, scale, embedding)
         return edits
+
+    def _check_factors(self, module: str, a_key: str, b_key: str) -> int:
+        """A is (r, in) and B is (out, r), float, with one r > 0; returns r."""
+        a, b = self.checkpoint.tensors[a_key], self.checkpoint.tensors[b_key]
+        if (len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]
+                or a.shape[0] == 0 or a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES):
+            raise TaskVecError(f"{self.checkpoint.path}: module {module}: LoRA factors "
+                               f"{list(a.shape)} {a.dtype} and {list(b.shape)} {b.dtype} are not "
+                               "float matrices (r, in) and (out, r) with one rank r > 0")
+        return a.shape[0]
 
     def transposed(self, lora: LoraFactors, base_shape: tuple[int, ...]) -> bool:
         """Whether ΔW = s·(B·A)ᵀ: embeddings, and GPT-2 Conv1D weights stored (in, out)."""
@@ -136,7 +185,7 @@ class Adapter:
         in_dim = self.checkpoint.tensors[lora.a].shape[1]
         if out_dim != in_dim:
             return tuple(base_shape) == (in_dim, out_dim)
-        return bool(self.config.get("fan_in_fan_out"))  # square: only the config can tell
+        return self.settings.fan_in_fan_out  # square: only the config can tell
 
     def delta_shape(self, lora: LoraFactors, transposed: bool) -> tuple[int, int]:
         out_dim = self.checkpoint.tensors[lora.b].shape[0]

@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 
-from taskvec.errors import TaskVecError
+from taskvec.errors import InterruptedAfterWrite, TaskVecError
 
 
 def _writer_options(p: argparse.ArgumentParser) -> None:
@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace) -> None:
 
     writer = {"force": args.force, "max_shard_size": args.max_shard_size,
               "allow_vocab_mismatch": args.allow_vocab_mismatch} if hasattr(args, "out") else {}
-    if getattr(args, "buffer_mb", None):
+    if getattr(args, "buffer_mb", None) is not None:
         writer["buffer_mb"] = args.buffer_mb
     if args.command == "diff":
         out = taskvec.diff(args.base, args.tuned, args.out, dtype=args.dtype, **writer)
@@ -118,11 +118,18 @@ def main(argv=None) -> int:
     except TaskVecError as e:
         print(f"taskvec: error: {e}", file=sys.stderr)
         return 1
+    except InterruptedAfterWrite as e:
+        print(f"taskvec: interrupted after {e.out} was written in full (only the removal of "
+              "the previous output was cut short; the next run to it finishes that)",
+              file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("taskvec: interrupted; nothing was written", file=sys.stderr)
         return 130
     except OSError as e:  # disk full, permissions: still one line, still nothing half-written
-        print(f"taskvec: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        where = where or f"{args.command}"  # errors without a file are wrapped at their source
+        print(f"taskvec: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
 

@@ -164,10 +164,11 @@ class _Stream:
 def stream(base: Checkpoint, sources: Sequence[DeltaSource], combine: Combine, folder: Path,
            shards: list[tuple[str, list[str]]], *, out_dtype: Callable[[TensorInfo], str],
            computes: Callable[[TensorInfo], bool] | None = None,
-           buffer_mb: float, label: str = "taskvec") -> int:
+           buffer_mb: float, label: str = "taskvec", metadata: dict | None = None) -> int:
     """Write `shards` into `folder`: each tensor `computes` selects (default: the float ones)
-    as combine(base rows, source deltas) rounded to out_dtype, the others copied from the base.
-    Returns the bytes of tensor data written. A progress bar shows on a terminal only."""
+    as combine(base rows, source deltas) rounded to out_dtype, the others copied from the base;
+    each shard's metadata is the base's updated with `metadata`. Returns the bytes of tensor
+    data written. A progress bar shows on a terminal only."""
     computes = computes or (lambda info: info.dtype in FLOAT_DTYPES)
     work = _Stream(base, sources, combine, out_dtype, computes, buffer_mb)
     total = sum(base.tensors[n].numel * itemsize(out_dtype(base.tensors[n]))
@@ -192,7 +193,7 @@ def stream(base: Checkpoint, sources: Sequence[DeltaSource], combine: Combine, f
     threads, collecting = torch.get_num_threads(), gc.isenabled()
     gc.disable()
     try:
-        metadata = {**base.metadata, "format": "pt"}
+        metadata = {**base.metadata, "format": "pt", **(metadata or {})}
         for shard_name, names in shards:
             writer = ShardWriter(folder / shard_name, [
                 (n, out_dtype(base.tensors[n]), base.tensors[n].shape) for n in names], metadata)

@@ -13,6 +13,7 @@ taskvec.json. A new operation (TIES, DARE, a per-layer λ) is a new combine, for
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,14 +69,37 @@ def scaled(factor: float):
 
 
 def parse_size(size: int | str | None) -> int | None:
-    """'1GB', '500MB', '2MiB', 1000000 -> bytes."""
-    if size is None or isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B)?\s*", size.upper())
-    if not match:
+    """'1GB', '500MB', '2MiB', 1000000 -> bytes (at least 1)."""
+    if size is None:
+        return None
+    match = None if isinstance(size, int) else re.fullmatch(
+        r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(I?B)?\s*", str(size).upper())
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif match:
+        unit = 1024 if match[3] == "IB" else 1000
+        value = int(float(match[1]) * unit ** " KMGT".index(match[2] or " "))
+    else:
+        value = 0
+    if value < 1:
         raise TaskVecError(f"max shard size {size!r}: expected a number of bytes like 1GB or 500MB")
-    unit = 1024 if match[3] == "IB" else 1000
-    return int(float(match[1]) * unit ** " KMGT".index(match[2] or " "))
+    return value
+
+
+MAX_BUFFER_MB = 4096.0  # per worker; the engine holds a few such blocks each
+
+
+def check_number(value, what: str, *, positive: bool = False, at_most: float = math.inf):
+    """A setting that must be a finite float (and > 0, and ≤ at_most): refused before any work."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or (positive and number <= 0) or abs(number) > at_most:
+        bounds = " > 0" if positive else ""
+        bounds += f" and at most {at_most:g}" if at_most < math.inf else ""
+        raise TaskVecError(f"{what} {value!r}: expected a finite number{bounds}")
+    return number
 
 
 def refuse_overlap(out: Path, inputs: Sequence[Path]) -> None:
@@ -93,6 +117,8 @@ def stream_operation(operation: str, kind: str, base_arg, inputs: Sequence[tuple
                      buffer_mb: float = DEFAULT_BUFFER_MB) -> Path:
     """Write `kind` ("model" or "task_vector") to `out`: every float tensor of the base is
     combine(base rows, [delta of each input]); `inputs` are (path or id, role for messages)."""
+    buffer_mb = check_number(buffer_mb, "buffer size (MB)", positive=True, at_most=MAX_BUFFER_MB)
+    shards_limit = parse_size(max_shard_size)
     base_path = resolve(base_arg, "base")
     paths = [resolve(arg, role) for arg, role in inputs]
     refuse_overlap(Path(out), [base_path, *paths])
@@ -111,7 +137,6 @@ def stream_operation(operation: str, kind: str, base_arg, inputs: Sequence[tuple
         def out_dtype(info: TensorInfo) -> str:
             return code if code and info.dtype in FLOAT_DTYPES else info.dtype
 
-        shards_limit = parse_size(max_shard_size)
         # Imported only now: bad input is refused above without paying for torch (~1 s).
         from taskvec import engine
 
@@ -119,7 +144,8 @@ def stream_operation(operation: str, kind: str, base_arg, inputs: Sequence[tuple
         mismatched = sorted(set().union(*(s.vocab_mismatch for s in sources)))
         with OutputDir(Path(out), force) as folder:
             total = engine.stream(base, sources, combine, folder, shards, out_dtype=out_dtype,
-                                  buffer_mb=buffer_mb, label=operation)
+                                  buffer_mb=buffer_mb, label=operation,
+                                  metadata={provenance.KIND_KEY: kind})
             if len(shards) > 1 or base.indexed:
                 write_index(folder, {n: shard for shard, names in shards for n in names}, total)
             copy_files(base.folder, folder, MODEL_FILES if kind == "model" else VECTOR_FILES)
@@ -156,7 +182,8 @@ def apply(base, vectors, out, *, scales: Sequence[float] | None = None, force: b
           buffer_mb: float = DEFAULT_BUFFER_MB) -> Path:
     """Write O = B + Σ Sᵢ·Vᵢ (task vectors or LoRA adapters; scales default to 1)."""
     vectors = [vectors] if isinstance(vectors, (str, Path)) else list(vectors)
-    scales = [1.0] * len(vectors) if scales is None else [float(s) for s in scales]
+    scales = [1.0] * len(vectors) if scales is None else [check_number(s, "scale")
+                                                          for s in scales]
     if len(scales) == 1 and len(vectors) > 1:
         scales = scales * len(vectors)
     if len(scales) != len(vectors) or not vectors:
@@ -173,6 +200,7 @@ def apply(base, vectors, out, *, scales: Sequence[float] | None = None, force: b
 def negate(base, tuned, out, *, scale: float = 1.0, force: bool = False, max_shard_size=None,
            allow_vocab_mismatch: bool = False, buffer_mb: float = DEFAULT_BUFFER_MB) -> Path:
     """Write O = B − L·(T − B) without writing the vector (SKU stage 2 with L = λ)."""
+    scale = check_number(scale, "scale")
     return stream_operation(
         "negate", "model", base, [(tuned, "tuned")],
         weighted_sum([-float(scale)], add_base=True), out,
@@ -183,6 +211,7 @@ def negate(base, tuned, out, *, scale: float = 1.0, force: bool = False, max_sha
 
 def negate_adapter(adapter, out, *, scale: float = 1.0, force: bool = False) -> Path:
     """Write a LoRA adapter whose merge gives B − L·ΔW: B factors scaled by −L (A untouched)."""
+    scale = check_number(scale, "scale")
     adapter_path = resolve(adapter, "adapter")
     refuse_overlap(Path(out), [adapter_path])
     source = Adapter(adapter_path)
@@ -196,6 +225,12 @@ def negate_adapter(adapter, out, *, scale: float = 1.0, force: bool = False) -> 
         b_factors = {e.lora.b for e in source.edits.values() if e.lora is not None}
         ckpt = source.checkpoint
         from taskvec import engine  # torch only once the input is known to be good
+
+        # The engine checks the B factors it scales; A factors are copied, so check them here
+        # (all of an adapter's tensors are small).
+        for name, tensor in ckpt.tensors.items():
+            if tensor.dtype in FLOAT_DTYPES and not ckpt.read_tensor(name).isfinite().all():
+                raise TaskVecError(f"{ckpt.path}: tensor {name}: holds NaN/Inf")
 
         with OutputDir(Path(out), force) as folder:
             engine.stream(ckpt, [], scaled(-float(scale)), folder,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
+from taskvec import jsonfile
+from taskvec.errors import TaskVecError
 from taskvec.writer import write_json
 
 NAME = "taskvec.json"
+# Also recorded in every shard's safetensors metadata: a task vector stays one when its
+# taskvec.json is lost.
+KIND_KEY = "taskvec_kind"
 
 
 def version() -> str:
@@ -33,9 +37,9 @@ def write(folder: Path, kind: str, operation: str, **fields) -> None:
 
 def recorded_kind(path: Path) -> str | None:
     """The kind a folder's (or a file's folder's) taskvec.json records, if any."""
-    path = Path(path)
+    record = (Path(path) if Path(path).is_dir() else Path(path).parent) / NAME
     try:
-        return json.loads(((path if path.is_dir() else path.parent) / NAME).read_text()).get(
-            "kind")
-    except (OSError, ValueError, AttributeError):
+        found = jsonfile.load(record) if record.is_file() else None
+    except TaskVecError:
         return None
+    return found.get("kind") if isinstance(found, dict) else None

@@ -8,15 +8,16 @@ tensor, so that refusing bad input does not pay for it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import stat
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from taskvec import jsonfile
 from taskvec.errors import TaskVecError
 
 if TYPE_CHECKING:
@@ -90,10 +91,17 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
-    """Parse and validate one safetensors file's header; tensors are returned in offset order."""
+    """Read one safetensors file's header and check it (see parse_header)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    except OSError as e:
+        raise TaskVecError(f"{path}: cannot read: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise TaskVecError(f"{path}: not a regular file")
+            size = status.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise TaskVecError(f"{path}: truncated: shorter than the 8-byte header length")
@@ -103,48 +111,51 @@ def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
                     f"{path}: header length {header_len} bytes runs past the end of the file "
                     f"({size} bytes): truncated or not a safetensors file"
                 )
+            if header_len > jsonfile.MAX_BYTES:
+                raise TaskVecError(f"{path}: header of {header_len} bytes is larger than "
+                                   f"safetensors allows ({jsonfile.MAX_BYTES})")
             raw = f.read(header_len)
-    except OSError as e:
-        raise TaskVecError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise TaskVecError(f"{path}: unparsable safetensors header: {e}") from None
+        except OSError as e:
+            raise TaskVecError(f"{path}: cannot read: {e.strerror or e}") from None
+    return parse_header(raw, size, path)
 
-    data_start = 8 + header_len
-    metadata = header.pop("__metadata__", None) or {}
+
+def parse_header(raw: bytes, file_size: int, path: Path) -> tuple[dict, list[TensorInfo]]:
+    """The header JSON `raw` of a file of `file_size` bytes: (metadata, tensors in offset
+    order). Checked as safetensors itself checks it, so that every read path refuses what it
+    refuses: entries of the right types, each tensor named once, offsets that match its shape
+    and dtype and tile the data region exactly (no overlap, hole or trailing byte)."""
+    header = jsonfile.mapping(jsonfile.parse(raw, f"{path}: safetensors header"),
+                              f"{path}: safetensors header")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise TaskVecError(f"{path}: __metadata__ must map names to strings")
+    data_start = 8 + len(raw)
     tensors = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(d) for d in shape)
-        except (KeyError, TypeError, ValueError):
-            raise TaskVecError(f"{path}: tensor {name}: malformed header entry {entry!r}") from None
-        if dtype not in DTYPES:
-            raise TaskVecError(f"{path}: tensor {name}: unknown dtype {dtype}")
+        where = f"{path}: tensor {name}:"
+        entry = jsonfile.mapping(entry, f"{where} its header entry")
+        dtype = entry.get("dtype")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise TaskVecError(f"{where} unknown dtype {dtype!r}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+            raise TaskVecError(f"{where} shape must be a list and data_offsets a pair, "
+                               f"not {shape!r} and {offsets!r}")
+        shape = tuple(jsonfile.integer(d, f"{where} each dimension") for d in shape)
+        begin, end = (jsonfile.integer(o, f"{where} each data offset") for o in offsets)
         info = TensorInfo(name, dtype, shape, path, data_start + begin)
-        if begin < 0 or end - begin != info.nbytes or min(shape, default=0) < 0:
+        if end - begin != info.nbytes:
             raise TaskVecError(
-                f"{path}: tensor {name}: data_offsets [{begin}, {end}] do not match "
+                f"{where} data_offsets [{begin}, {end}] do not match "
                 f"shape {list(shape)} of {dtype} ({info.nbytes} bytes)"
             )
-        if data_start + end > size:
-            raise TaskVecError(
-                f"{path}: truncated: tensor {name} ends at byte {data_start + end} "
-                f"but the file has {size} bytes"
-            )
+        if data_start + end > file_size:
+            raise TaskVecError(f"{path}: truncated: tensor {name} ends at byte "
+                               f"{data_start + end} but the file has {file_size} bytes")
         tensors.append(info)
-    tensors.sort(key=lambda t: t.offset)
-    return metadata, tensors
-
-
-def check_layout(path: Path) -> None:
-    """The data region must be covered exactly: no holes, overlaps or trailing bytes."""
-    _, tensors = read_header(path)
-    with open(path, "rb") as f:
-        data_start = 8 + int.from_bytes(f.read(8), "little")
+    tensors.sort(key=lambda t: (t.offset, t.nbytes))
     expected = data_start
     for t in tensors:
         if t.offset != expected:
@@ -152,18 +163,35 @@ def check_layout(path: Path) -> None:
             raise TaskVecError(f"{path}: tensor {t.name}: data offset {t.offset - data_start} "
                                f"{what} (expected {expected - data_start})")
         expected += t.nbytes
-    size = path.stat().st_size
-    if size != expected:
-        raise TaskVecError(f"{path}: {size - expected} trailing bytes after the last tensor")
+    if file_size != expected:
+        raise TaskVecError(f"{path}: {file_size - expected} trailing bytes after the last tensor")
+    return metadata, tensors
+
+
+def parse_index(index, path: Path) -> dict[str, str]:
+    """An index file's parsed JSON -> its weight_map (tensor -> shard file in the folder)."""
+    index = jsonfile.mapping(index, f"{path}: the index")
+    weight_map = jsonfile.mapping(index.get("weight_map"), f"{path}: weight_map")
+    for name, shard in weight_map.items():
+        shard = jsonfile.string(shard, f"{path}: tensor {name}: its shard")
+        if shard in ("", ".", "..") or "/" in shard or os.sep in shard:
+            raise TaskVecError(f"{path}: tensor {name}: shard {shard!r} is not a file name "
+                               "in the checkpoint's folder")
+    return weight_map
 
 
 def vocab_size(folder: Path) -> int | None:
     """A model's vocabulary size from its config.json (None when unknown)."""
+    path = Path(folder) / "config.json"
     try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
+        config = jsonfile.load(path) if path.is_file() else None
+    except TaskVecError:  # only a hint for messages about vocabulary tensors
         return None
-    return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config")
+    size = config.get("vocab_size") or (text.get("vocab_size") if isinstance(text, dict) else None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 class Checkpoint:
@@ -205,12 +233,7 @@ class Checkpoint:
         self._add_shard(files[0])
 
     def _open_index(self, index: Path) -> None:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise ValueError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TaskVecError(f"{index}: unparsable index: {e}") from None
+        weight_map = parse_index(jsonfile.load(index), index)
         self.indexed = True
         for shard in dict.fromkeys(weight_map.values()):
             shard_path = self.path / shard
@@ -250,7 +273,10 @@ class Checkpoint:
                 fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
         offset, done = info.offset + first_row * row_bytes, 0
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:  # preadv names no file
+                raise OSError(e.errno, e.strerror, str(info.path)) from None
             if n == 0:
                 raise TaskVecError(f"{info.path}: tensor {info.name}: file ended early (truncated)")
             done += n

@@ -24,19 +24,25 @@ if TYPE_CHECKING:
 _VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|output\.weight$")
 
 
-def kind(path: Path) -> str:
-    """"lora_adapter", "task_vector" (written by `diff`, per its taskvec.json) or "model"."""
+def kind(path: Path, checkpoint: Checkpoint | None = None) -> str:
+    """"lora_adapter", "task_vector" (written by `diff`, per its taskvec.json or, when that is
+    gone, its shards' metadata) or "model"."""
     if is_adapter(path):
         return "lora_adapter"
-    return "task_vector" if provenance.recorded_kind(path) == "task_vector" else "model"
+    recorded = provenance.recorded_kind(path)
+    if recorded is None:
+        try:
+            recorded = (checkpoint or Checkpoint(path)).metadata.get(provenance.KIND_KEY)
+        except TaskVecError:  # not a checkpoint: the caller's own open says why
+            return "model"
+    return "task_vector" if recorded == "task_vector" else "model"
 
 
 def open_source(path: Path) -> DeltaSource:
-    source_kind = kind(path)
-    if source_kind == "lora_adapter":
+    if is_adapter(path):
         return AdapterDelta(Adapter(path))
     ckpt = Checkpoint(path)
-    return VectorDelta(ckpt) if source_kind == "task_vector" else FullDelta(ckpt)
+    return VectorDelta(ckpt) if kind(path, ckpt) == "task_vector" else FullDelta(ckpt)
 
 
 @dataclass

@@ -41,6 +41,16 @@ def write_checkpoint(folder: Path, tensors: dict, shards: int = 1) -> Path:
     return folder
 
 
+def random_pair(root: Path, shapes: dict[str, tuple[int, ...]], shards: int = 1) -> list[Path]:
+    """[base, tuned]: fp32 checkpoints of the given tensor shapes, seeded 0 and 1."""
+    folders = []
+    for side, seed in (("base", 0), ("tuned", 1)):
+        generator = torch.Generator().manual_seed(seed)
+        tensors = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+        folders.append(write_checkpoint(Path(root) / side, tensors, shards=shards))
+    return folders
+
+
 def _write_index(folder: Path, weight_map: dict, tensors: dict) -> None:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

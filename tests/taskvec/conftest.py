@@ -165,3 +165,21 @@ def adapters(tmp_path_factory, llama, gpt2) -> dict[str, tuple[Path, Path]]:
     }
     return {name: (base, _save_adapter(base, root / name, config, seed))
             for seed, (name, (base, config)) in enumerate(specs.items())}
+
+
+@pytest.fixture(scope="session")
+def adapter_without_alpha(tmp_path_factory, llama) -> tuple[Path, Path]:
+    """(base, adapter) at r = 16 whose adapter_config.json has no lora_alpha: peft then uses
+    its default α = 8, not α = r."""
+    import json
+
+    from peft import LoraConfig
+
+    config = LoraConfig(r=16, lora_alpha=64, target_modules=["q_proj", "v_proj"])
+    adapter = _save_adapter(llama.base, tmp_path_factory.mktemp("no_alpha") / "adapter", config,
+                            seed=11)
+    path = adapter / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    del fields["lora_alpha"]
+    path.write_text(json.dumps(fields, indent=2))
+    return llama.base, adapter

@@ -20,6 +20,7 @@ from tests.support.checkpoints import (
     copy_checkpoint,
     edit_tensors,
     last_tensor,
+    random_pair,
     read_tensors,
     tree_digest,
     write_checkpoint,
@@ -291,14 +292,8 @@ def test_negate_adapter_refuses_existing_output(adapters, tmp_path):
 @pytest.fixture(scope="session")
 def slow_pair(tmp_path_factory):
     """64 MB of fp32 per side in narrow rows: with a one-row buffer negate takes seconds."""
-    root = tmp_path_factory.mktemp("slow")
-    folders = []
-    for side, seed in (("base", 0), ("tuned", 1)):
-        generator = torch.Generator().manual_seed(seed)
-        tensors = {f"layers.{i}.weight": torch.randn(8192, 256, generator=generator)
-                   for i in range(8)}
-        folders.append(write_checkpoint(root / side, tensors, shards=2))
-    return folders
+    return random_pair(tmp_path_factory.mktemp("slow"),
+                       {f"layers.{i}.weight": (8192, 256) for i in range(8)}, shards=2)
 
 
 def _interrupt_negate(base: Path, tuned: Path, out: Path, signum: int, *extra: str) -> str:
