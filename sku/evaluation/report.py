@@ -303,8 +303,10 @@ def render_markdown(rows: list[dict], evaluations: list[dict], ranked: list[str]
                  ", averaged over normal prompts.")
     decoding = first["decoding"]
     lines.append(f"- Decoding: {'sampling' if decoding['do_sample'] else 'greedy'}, "
-                 f"max_new_tokens {decoding['max_new_tokens']}, cut at "
-                 f"{decoding['stop']!r}; template {decoding['template']!r}.")
+                 f"max_new_tokens {decoding['max_new_tokens']}, "
+                 + (f"cut at {decoding['stop']!r}" if decoding["stop"] else
+                    "ended at the model's end of turn")
+                 + f"; template {decoding['template']!r}.")
     lines.append(f"- Ranking: {RANKING_RULE}")
     lines.append(f"- Columns ranked: {', '.join(ranked) or 'none'}. n/c = not computed.")
     lines += [f"- {note}" for note in notes]
