@@ -11,11 +11,18 @@
     RUN/adapter/          stage 1 of a non-negating method trained with LoRA
     RUN/model/            the final model: θ_o − λ·(θ_bad − θ_o) for negating methods
     RUN/eval/             `sku eval`'s default output folder
+    RUN/.replaced/        the run a `--force` is replacing, kept until the new run's model is
+                          saved and put back if the new run ends with nothing to resume
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +33,13 @@ from taskvec import write_atomic, write_json
 RUN_JSON, SPLITS_JSON, TRAIN_LOG = "run.json", "splits.json", "train_log.jsonl"
 CHECKPOINT, SNAPSHOTS, EVAL = "checkpoint", "snapshots", "eval"
 THETA_O, THETA_BAD, ADAPTER, MODEL = "theta_o", "theta_bad", "adapter", "model"
+REPLACED, NAMES = ".replaced", "names.json"  # a forced run's old run, and what it held
 ENTRIES = {RUN_JSON, SPLITS_JSON, TRAIN_LOG, CHECKPOINT, SNAPSHOTS, EVAL, THETA_O, THETA_BAD,
-           ADAPTER, MODEL}
+           ADAPTER, MODEL, REPLACED}
 SPLITS = ("unlearned_harmful", "unseen_harmful", "normal")  # the prompt lists of splits.json
 HARMFUL_SPLITS = SPLITS[:2]
+
+logger = logging.getLogger(__name__)
 
 
 def read_json(path: Path) -> dict:
@@ -39,6 +49,20 @@ def read_json(path: Path) -> dict:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise SkuError(f"{path}: unreadable: {e}") from None
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
+
+
+def _drop(aside: Path) -> None:
+    """Remove a run set aside, its list of names first: a kill halfway then leaves no list
+    that would make the entries already removed look put back."""
+    (aside / NAMES).unlink()
+    shutil.rmtree(aside)
 
 
 def _temporary_of_ours(name: str) -> bool:
@@ -127,6 +151,100 @@ class RunFolder:
         ours."""
         return sorted(p.name for p in self.path.iterdir()
                       if p.name not in ENTRIES and not _temporary_of_ours(p.name))
+
+    @contextmanager
+    def held(self):
+        """The folder for one command: a second `sku unlearn` on it is refused at once (an
+        flock on the folder itself, which the kernel releases when the process dies, so a kill
+        leaves no stale lock). What an interrupted `--force` left is settled first and last; a
+        folder made here and left empty is removed."""
+        if self.path.exists() and not self.path.is_dir():
+            raise SkuError(f"{self.path}: is a file, not a run folder")
+        made = not self.path.is_dir()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise SkuError(f"{self.path}: cannot make the run folder: {e.strerror or e}"
+                           ) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SkuError(f"{self.path}: another `sku unlearn` is using this run folder"
+                               ) from None
+            self.settle_replaced()
+            try:
+                yield
+            finally:
+                self.settle_replaced()
+        finally:
+            if made and self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()
+            os.close(fd)
+
+    def clear(self) -> None:
+        """Remove our entries (foreign_entries() made sure there are no others), keeping the
+        folder itself, which may be a symlink to another disk, and a run set aside."""
+        for entry in self.path.iterdir():
+            if entry.name != REPLACED:
+                _remove(entry)
+
+    def resumable(self) -> bool:
+        """Whether the run on top has anything a `--resume` continues from or keeps."""
+        return self.run_json.is_file() and (
+            (self.checkpoint / "step.json").is_file() or (self.path / THETA_BAD).is_dir()
+            or (self.path / ADAPTER).is_dir() or self.model.is_dir())
+
+    # A forced run replaces an old run without losing it: the old entries move into
+    # RUN/.replaced/ (renames inside one folder: no copy), their names listed there first, so
+    # that after a kill at any point an entry on top is known to be old or new. The new run
+    # owns the top from its run.json on; .replaced/ goes once the new model is saved, and
+    # comes back if the new run ends with nothing to resume. Peak disk use: old + new run.
+
+    def set_aside(self) -> None:
+        """Before a forced run: move the old run into .replaced/. A run set aside already (an
+        earlier forced run was interrupted after a checkpoint) is the last complete one: it
+        stays, and the interrupted run on top is removed."""
+        aside = self.path / REPLACED
+        if aside.is_dir():
+            self.clear()
+            return
+        names = sorted(p.name for p in self.path.iterdir())
+        aside.mkdir()
+        write_json(aside / NAMES, names)
+        for name in sorted(names, key=lambda n: n != RUN_JSON):  # run.json first
+            os.rename(self.path / name, aside / name)
+
+    def settle_replaced(self) -> None:
+        """Finish what a forced run left: drop the old run once the new one has its model;
+        put it back when the new one has nothing to resume; else keep it while it can."""
+        aside = self.path / REPLACED
+        if not aside.is_dir():
+            return
+        if not (aside / NAMES).is_file():  # killed before anything was moved
+            shutil.rmtree(aside)
+            return
+        names = set(read_json(aside / NAMES))
+
+        def back(name: str) -> bool:  # an old entry already on top again
+            return name in names and not (aside / name).exists()
+
+        if self.run_json.is_file() and not back(RUN_JSON):  # the new run has started
+            if self.model.is_dir():
+                _drop(aside)
+                return
+            if self.resumable():
+                return
+        for entry in self.path.iterdir():
+            if entry.name != REPLACED and not back(entry.name):
+                _remove(entry)
+        for name in sorted(names, key=lambda n: n == RUN_JSON):  # run.json last
+            if (aside / name).exists():
+                os.replace(aside / name, self.path / name)
+        _drop(aside)
+        logger.warning(f"{self.path}: the run that --force was replacing is back (the new "
+                       "run ended with nothing to resume)")
 
     def read_run(self) -> dict:
         return read_json(self.run_json)

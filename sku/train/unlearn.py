@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -142,8 +143,6 @@ def _check_folder(run: RunFolder, config: UnlearnConfig, *, resume: bool, force:
     """The refusals, on every process (so all raise together), before anything is changed.
     Returns the settings a resume changes, {key: [was, now]}."""
     out, changed = run.path, {}
-    if out.exists() and not out.is_dir():
-        raise SkuError(f"{out}: is a file, not a run folder")
     if resume:
         if not run.run_json.is_file():
             raise SkuError(f"{out}: nothing to resume (no run.json); start it without --resume")
@@ -164,25 +163,12 @@ def _check_folder(run: RunFolder, config: UnlearnConfig, *, resume: bool, force:
     return changed
 
 
-def _empty(folder: Path) -> None:
-    """Remove what is in `folder` (only sku's entries, as _check_folder made sure), keeping the
-    folder itself, which may be a symlink to another disk."""
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
 def _prepare_folder(run: RunFolder, accelerator, *, resume: bool) -> None:
-    """An empty run folder for a new run (a forced one's old entries removed); as it is for a
+    """An empty run folder for a new run (a forced one's old run set aside); as it is for a
     resumed one. Changes on the main process only."""
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if not resume and run.path.is_dir():
-            _empty(run.path)
-        # Empty until run.json is written: a run that fails before can be rerun as it was.
-        run.path.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process and not resume and any(run.path.iterdir()):
+        run.set_aside()
     accelerator.wait_for_everyone()
 
 
@@ -300,7 +286,7 @@ def _stage1(config: UnlearnConfig, method: Method, accelerator, precision: Preci
         last = checkpoint_step(checkpoint)
         kept = (f"the last good checkpoint (step {last}) is kept in {checkpoint}; fix the "
                 "cause and --resume (a lower --lr is accepted)" if last
-                else "no checkpoint was saved yet, so the run folder is left empty")
+                else "no checkpoint was saved yet, so nothing of this run is kept")
         raise SkuError(f"{e}: stopped; {kept}") from None
     stage1 = run.stage1(negate=method.negate, lora=config.lora)
     saver.save(stage1)
@@ -388,9 +374,17 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
     accelerator, precision = _accelerator(config)
     method, run = METHODS[config.method], RunFolder(config.out)
     micro = _micro_batch_size(config, accelerator.num_processes)
+    with run.held() if accelerator.is_main_process else nullcontext():
+        return _unlearn(config, accelerator, precision, method, run, micro, resume=resume,
+                        force=force)
+
+
+def _unlearn(config: UnlearnConfig, accelerator, precision: Precision, method: Method,
+             run: RunFolder, micro: int, *, resume: bool, force: bool) -> Path:
+    accelerator.wait_for_everyone()  # the main process has settled an interrupted --force
     changed = _check_folder(run, config, resume=resume, force=force)
     torch.manual_seed(config.seed)
-    # Whatever can be refused is, before a forced run's old folder is emptied.
+    # Whatever can be refused is, before a forced run's old run is set aside.
     tokenizer = load_tokenizer(config.model)
     TEMPLATES[config.template].check(tokenizer)
     base_checkpoint(config.model, lora=config.lora)
@@ -418,10 +412,10 @@ def unlearn(config: UnlearnConfig, *, resume: bool = False, force: bool = False)
         try:
             _stage1(config, method, accelerator, precision, tokenizer, pools, run, micro, resume)
         except BaseException:
-            # Nothing to resume from yet: leave the folder empty, so that a plain rerun runs.
-            if (not resume and accelerator.is_main_process and not stage1.exists()
-                    and checkpoint_step(run.checkpoint) is None):
-                _empty(run.path)
+            # Nothing to resume from yet: keep nothing, so that a plain rerun runs (and the
+            # run a --force was replacing comes back).
+            if not resume and accelerator.is_main_process and not run.resumable():
+                run.clear()
             raise
     elif accelerator.is_main_process:  # killed after saving stage 1, before removing this
         shutil.rmtree(run.checkpoint, ignore_errors=True)

@@ -90,14 +90,121 @@ def test_a_run_that_fails_before_any_checkpoint_leaves_nothing_and_reruns(tiny_l
     rerun is not refused."""
     run = tmp_path / "run"
     line = assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run), "--lr", "1e30"),
-                            "no checkpoint was saved yet", "left empty", only_line=False)
+                            "no checkpoint was saved yet", "nothing of this run is kept",
+                            only_line=False)
     assert "finite" in line or "loss is" in line
-    assert list(run.iterdir()) == []
+    assert not run.exists()  # the run made it, and leaves nothing
     resumed = run_sku(*unlearn_args("sku", tiny_llama, run), "--resume")
     assert_sku_error(resumed, "nothing to resume", "without --resume", only_line=False)
     rerun = run_sku(*unlearn_args("sku", tiny_llama, run))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (run / "model").is_dir()
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for a folder): equal trees are equal."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_a_forced_run_keeps_the_old_run_until_it_has_its_model(tiny_llama, tmp_path):
+    """--force that fails before a checkpoint puts the complete old run back byte for byte;
+    --force that completes replaces it and keeps nothing of it."""
+    run = tmp_path / "run"
+    assert run_sku(*unlearn_args("sku", tiny_llama, run)).returncode == 0
+    old = _tree(run)
+    assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run), "--force", "--lr", "1e30"),
+                     "no checkpoint was saved yet", only_line=False)
+    assert _tree(run) == old
+    forced = run_sku(*unlearn_args("sku", tiny_llama, run), "--force", "--seed", "7")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert not (run / ".replaced").exists()
+    assert json.loads((run / "run.json").read_text())["config"]["seed"] == 7
+    assert _tree(run) != old
+
+
+def _old_run(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "run.json").write_text('{"config": "old"}\n')
+    (folder / "train_log.jsonl").write_text('{"step": 1}\n')
+    (folder / "snapshots" / "step-1").mkdir(parents=True)
+    (folder / "snapshots" / "step-1" / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (folder / "model").mkdir()
+    (folder / "model" / "model.safetensors").write_bytes(b"\1" * 64)
+
+
+def _new_run(folder: Path, *, finished: bool) -> None:
+    (folder / "run.json").write_text('{"config": "new"}\n')
+    (folder / "snapshots").mkdir()
+    if finished:
+        (folder / "model").mkdir()
+        (folder / "model" / "model.safetensors").write_bytes(b"\2" * 64)
+
+
+# Setting the old run aside, putting it back, and dropping it: (what the killed process runs,
+# on a folder prepared how, what must be there after the next start settles it, and the
+# syscalls it must make)
+KILLED = {
+    "set_aside": ("RunFolder(sys.argv[1]).set_aside()", lambda f: None, "old",
+                  {"rename", "mkdir"}),
+    "put_back": ("RunFolder(sys.argv[1]).settle_replaced()",
+                 lambda f: _new_run(f, finished=False), "old", {"rename", "unlink", "rmdir"}),
+    "drop": ("RunFolder(sys.argv[1]).settle_replaced()", lambda f: _new_run(f, finished=True),
+             "new", {"unlink", "unlinkat"}),
+}
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace for fault injection")
+@pytest.mark.parametrize("step", KILLED)
+@pytest.mark.parametrize("syscall", ["rename", "unlink", "unlinkat", "rmdir", "mkdir"])
+def test_a_kill_at_any_point_of_a_forced_swap_loses_nothing(tmp_path, step, syscall):
+    """SIGKILL at the k-th call of each syscall the swap makes, for every k until it runs
+    through: the next start (settle_replaced) finds the complete old run, or the complete new
+    one once it has its model, and no .replaced."""
+    code, prepare, expected, makes = KILLED[step]
+    script = f"import sys; from sku.run import RunFolder; {code}"
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    for k in range(1, 40):
+        folder = tmp_path / f"{k}"
+        _old_run(folder)
+        want = _tree(folder)
+        if step != "set_aside":
+            RunFolder(folder).set_aside()
+            prepare(folder)
+            if expected == "new":
+                want = {p: b for p, b in _tree(folder).items() if not p.startswith(".replaced")}
+        proc = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}",
+                               "-e", f"inject={syscall}:signal=KILL:when={k}", sys.executable,
+                               "-c", script, str(folder)], env=env, capture_output=True)
+        RunFolder(folder).settle_replaced()
+        if step == "set_aside" and proc.returncode == 0:  # ran through: a new run would start
+            RunFolder(folder).settle_replaced()
+        assert _tree(folder) == want, (k, proc.returncode)
+        if proc.returncode == 0:
+            assert k > 1 or syscall not in makes, "strace killed nothing"
+            break
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+    else:
+        raise AssertionError("the swap never ran through")
+
+
+def test_a_second_unlearn_on_a_run_folder_in_use_is_refused(tiny_llama, tmp_path):
+    """The lock is an flock on the folder: held here, a real `sku unlearn` is refused in one
+    line and changes nothing; two started together end with exactly one run."""
+    run = tmp_path / "run"
+    with RunFolder(run).held():
+        assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run), "--force"), str(run),
+                         "another `sku unlearn` is using this run folder")
+        assert list(run.iterdir()) == []
+    racers = [tmp_path / "race"] * 2
+    procs = [subprocess.Popen([sys.executable, "-m", "sku", *unlearn_args("sku", tiny_llama, r)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in racers]
+    outcomes = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
+    assert [rc for rc, _ in outcomes] == [0, 1], outcomes
+    assert "Traceback" not in outcomes[1][1]
+    assert outcomes[1][1].strip().splitlines()[-1].startswith("sku: error: ")
+    assert (tmp_path / "race" / "model").is_dir()
 
 
 @pytest.mark.parametrize(("recipe", "flags", "needle"), [
@@ -307,11 +414,11 @@ def test_a_full_disk_stops_the_paid_requests_and_says_how_many_verdicts_were_kep
         server.close()
 
 
-def test_a_full_disk_during_a_run_names_the_folder_and_leaves_it_empty(tiny_llama, tiny_tmpfs):
+def test_a_full_disk_during_a_run_names_the_folder_and_leaves_nothing(tiny_llama, tiny_tmpfs):
     run = tiny_tmpfs / "run"  # θ_o's copy is the first thing too big for it
     line = assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, run)), str(run / "theta_o"),
                             "cannot save", "No space left on device", only_line=False)
-    assert ": :" not in line and list(run.iterdir()) == []
+    assert ": :" not in line and not run.exists()
 
 
 def test_a_cache_on_dev_full_is_one_line(tmp_path, monkeypatch):
