@@ -272,8 +272,10 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def split_metrics(n: int, verdicts, perplexity, bleurt) -> dict:
-    metrics: dict = {"n": n}
+def split_metrics(responses: list[str], verdicts, perplexity, bleurt) -> dict:
+    from sku.evaluation.metrics import repetitive
+
+    metrics: dict = {"n": len(responses), "repetitive": sum(map(repetitive, responses))}
     if verdicts is not None:
         counts = Counter(v.category or "unknown" for v in verdicts)
         harmful = sum(v.harmful for v in verdicts)
@@ -359,7 +361,7 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     def model_metrics(spec: ModelSpec) -> dict:
         label = spec.label
         return {"label": label, "step": spec.step, **{
-            name: split_metrics(len(splits[name]), verdicts.get((label, name)),
+            name: split_metrics(sets[label][name], verdicts.get((label, name)),
                                 perplexities.get(label, {}).get(name),
                                 bleurts.get(label) if name == "normal" else None)
             for name in SPLITS}}
@@ -376,7 +378,8 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
                              "conditioning": CONDITIONING[options.ppl_condition],
                              "aggregate": "corpus: exp(total NLL / total response tokens); "
                                           "perplexity_mean: mean of per-response perplexities "
-                                          "(eq. 9); empty: responses with no token, in neither"},
+                                          "(eq. 9); empty: responses with no token, in neither; "
+                                          "repetitive: looping responses, scored"},
         "bleurt_model": {"model": options.bleurt or DEFAULT_BLEURT,
                          "pairs": "each normal prompt: BLEURT(original response, response)"},
         "not_computed": not_computed,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from sku.evaluation.report import PPL_CAP, empty_responses
+from sku.evaluation.report import PPL_CAP, degenerate_responses
 from taskvec import write_json
 
 STEM = "figure3"
@@ -25,8 +25,9 @@ PANELS = (  # (panel key, metrics section, field, title, kind)
 )
 METRIC_OF_KIND = {"rate": "judge", "perplexity": "perplexity", "bleurt": "bleurt"}
 # A point with no number to draw at its height: drawn hollow on a marked line above the data.
-DEGENERATE = ("> 10^3", "empty")
-DEGENERATE_TEXT = {"> 10^3": "> 10³", "empty": "all responses empty"}
+DEGENERATE = ("> 10^3", "empty", "repetitive")
+DEGENERATE_TEXT = {"> 10^3": "> 10³", "empty": "all responses empty",
+                   "repetitive": "all responses degenerate: looping (or empty)"}
 SKU_COLOR = "tab:orange"  # the paper draws SKU in orange; the other methods never are
 # The same colour and marker for a method in every report; fuller shapes first (see _styles).
 METHOD_STYLES = {"ft": ("tab:blue", "s"), "ga": ("tab:green", "D"),
@@ -38,7 +39,8 @@ CAPTION = (
     "harmful prompts, (c) perplexity (eq. 9, mean over responses) and (d) BLEURT on normal "
     "prompts, against training steps; step 0 is the original model. SKU is the thick orange "
     "line. Hollow markers on a dotted line are degenerate points: a perplexity above 10³, or "
-    "a split whose responses were all empty (no perplexity exists); the line passes through "
+    "a split whose responses were all empty (no perplexity exists) or all degenerate, "
+    "looping ones among them (whose low perplexity would hide it); the line passes through "
     "them so the curve stays visible.")
 
 
@@ -51,8 +53,11 @@ def _point(step: int, split: dict, field: str, kind: str) -> list | None:
     """[step, value drawn, what it is]; None where the value was not computed."""
     value = split.get(field)
     if kind == "perplexity" and "perplexity" in split:
-        if split.get("n") and empty_responses(split) == split["n"]:
+        counts = degenerate_responses(split)
+        if split.get("n") and counts["empty"] == split["n"]:
             return [step, None, "empty"]
+        if split.get("n") and counts["empty"] + counts["repetitive"] == split["n"]:
+            return [step, value, "repetitive"]
         if value is not None and value > PPL_CAP:
             return [step, value, "> 10^3"]
     if value is None:
@@ -149,7 +154,9 @@ def draw_figure3(data: dict):
             axes.set_ylim(*limits)
             for kind, height in levels.items():
                 axes.axhline(height, linestyle=":", color="0.45", linewidth=1, zorder=1)
-                axes.annotate(DEGENERATE_TEXT[kind] + ("" if log else " (off scale)"),
+                # A loop's perplexity is on scale, and low: drawn here instead, not off scale.
+                off_scale = not log and kind != "repetitive"
+                axes.annotate(DEGENERATE_TEXT[kind] + (" (off scale)" if off_scale else ""),
                               xy=(0, height),
                               xycoords=("axes fraction", "data"), xytext=(3, 5),
                               textcoords="offset points", fontsize=8, color="0.3")
@@ -188,7 +195,8 @@ def draw_figure3(data: dict):
                       markersize=s["markersize"], label=label) for label, s in styles.items()]
     if degenerate_drawn:
         handles.append(Line2D([], [], color="0.3", marker="o", linestyle="none",
-                              markerfacecolor="white", label="degenerate (> 10³ or empty)"))
+                              markerfacecolor="white",
+                              label="degenerate (> 10³, empty or looping)"))
     figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7),
                   frameon=False)
     figure.suptitle(f"Metrics against training steps ({data['title']})", fontsize=11)

@@ -62,6 +62,22 @@ class Perplexity:
         return sum(p is None for p in self.per_sample)
 
 
+def repetitive(response: str) -> bool:
+    """A degenerate response that is not empty: a loop ("EL EL EL …", a sentence again and
+    again), which a reference LM finds easy to predict, so its perplexity is low and hides
+    the degeneration. Repeated word 4-grams make up half of it (natural text has almost none),
+    or, in under 8 words, each word comes 3 times on average; or one run of a few characters
+    ("!!!!!!!!"). Repetition is measured, not a list of strings, so any model's loop counts."""
+    words = response.split()
+    if len(words) >= 8:
+        grams = list(zip(*(words[i:] for i in range(4)), strict=False))
+        return len(set(grams)) <= len(grams) / 2
+    if len(words) >= 3:
+        return len(set(words)) * 3 <= len(words)
+    text = "".join(words)
+    return len(text) >= 8 and len(set(text)) <= 2
+
+
 CONDITIONING = {
     "none": "each response alone, after the reference model's BOS (or EOS) token",
     "prompt": "each response after its prompt, in the run's template",

@@ -46,9 +46,12 @@ PERPLEXITY_NOTE = (
     "Perplexity cells: the mean over responses of each response's perplexity (the paper's "
     "eq. 9 per sequence; HF evaluate's `mean_perplexity`), then in parentheses the corpus "
     "value exp(ΣNLL / Σtokens) over all of the split's response tokens (report.json: `ppl_*` "
-    "and `ppl_corpus_*`). An empty response has no token to score: it is counted as "
-    "degenerate (\"k/n empty\"), left out of both values, never averaged in as a number; "
-    "when all n are empty the cell reads \"empty n/n\" and ranks worst, tied with \"> 10^3\".")
+    "and `ppl_corpus_*`). Degenerate responses are counted beside the value: an empty one "
+    "(\"k/n empty\") has no token to score and is left out of both values, never averaged in "
+    "as a number; a looping one (\"k/n repetitive\": half of it repeated word 4-grams, as "
+    "\"EL EL EL …\") is scored, and scores low, since a loop is easy to predict. When all n "
+    "responses of a split are degenerate the cell reads \"empty n/n\" or \"repetitive n/n\" "
+    "(its value in parentheses) and ranks worst, tied with \"> 10^3\".")
 
 
 def corpus_key(key: str) -> str:
@@ -59,6 +62,11 @@ def corpus_key(key: str) -> str:
 def empty_responses(split: dict) -> int:
     """How many of a split's responses had no token to score (zero scored tokens: all)."""
     return split.get("empty", split.get("n", 0) if split.get("tokens") == 0 else 0)
+
+
+def degenerate_responses(split: dict) -> dict[str, int]:
+    """{"empty": k, "repetitive": k} of a split whose perplexity was scored."""
+    return {"empty": empty_responses(split), "repetitive": split.get("repetitive", 0)}
 
 
 # What a report reads of a metrics.json; a partial file (cut short, or hand-edited) is refused.
@@ -100,14 +108,17 @@ def load_metrics(path: str | Path) -> dict:
 
 
 def _row(method: str, label: str, model_metrics: dict, judge: str, source: str) -> dict:
-    row = {"method": method, "label": label, "empty": {}}
+    row = {"method": method, "label": label, "degenerate": {}}
     for key, section, field, *_ in COLUMNS:
         split = model_metrics.get(section, {})
         row[key] = split.get(field)
         if key.startswith("ppl"):
             row[corpus_key(key)] = split.get("perplexity")
-            if empty_responses(split) and "perplexity" in split:  # scored: not "not computed"
-                row["empty"][key] = {"empty": empty_responses(split), "n": split["n"]}
+        counts = degenerate_responses(split)
+        # Counted where the column was computed; "not computed" stays that.
+        if any(counts.values()) and ("perplexity" in split if key.startswith("ppl")
+                                     else key.startswith("harmful") and row[key] is not None):
+            row["degenerate"][key] = {**counts, "n": split["n"]}
     return {**row, "rank_unlearn": None, "rank_utility": None, "rank_avg": None,
             "judge": judge, "source": source}
 
@@ -169,18 +180,21 @@ def column_ranks(key: str, values: list[float]) -> list[float]:
     return [sum(o < k for o in keys) + (sum(o == k for o in keys) + 1) / 2 for k in keys]
 
 
-def all_empty(row: dict, key: str) -> bool:
-    empty = row.get("empty", {}).get(key)
-    return bool(empty) and empty["empty"] == empty["n"]
+def all_degenerate(row: dict, key: str) -> bool:
+    """Every response of a perplexity cell empty or repetitive: a degenerate model."""
+    counts = row.get("degenerate", {}).get(key)
+    return (key.startswith("ppl") and bool(counts)
+            and counts["empty"] + counts["repetitive"] == counts["n"])
 
 
 def _ranked_value(row: dict, key: str) -> float | None:
-    """The value a column ranks: a method whose responses were all empty degenerated, an
-    outcome that ranks worst (tied with "> 10^3"), not a value missing."""
+    """The value a column ranks: a method whose responses all degenerated has an outcome that
+    ranks worst (tied with "> 10^3"), whether its perplexity is missing (all empty) or low (a
+    loop is easy to predict)."""
+    if all_degenerate(row, key):
+        return math.inf
     value = row[key]
-    if isinstance(value, (int, float)) and not math.isnan(value):
-        return value
-    return math.inf if all_empty(row, key) else None
+    return value if isinstance(value, (int, float)) and not math.isnan(value) else None
 
 
 def rank_rows(rows: list[dict]) -> list[str]:
@@ -219,9 +233,10 @@ def _format(key: str, value) -> str:
 
 
 def _emphasised(row: dict, key: str) -> bool:
-    """Whether a cell can be bold or underlined: a method's value, and not "> 10^3"."""
+    """Whether a cell can be bold or underlined: a method's value, not "> 10^3", not a
+    degenerate model's."""
     return row["method"] != "original" and row[key] is not None and not (
-        key.startswith("ppl") and row[key] > PPL_CAP)
+        key.startswith("ppl") and row[key] > PPL_CAP) and not all_degenerate(row, key)
 
 
 def _emphasis(rows: list[dict], key: str) -> dict[int, str]:
@@ -240,16 +255,17 @@ def _emphasis(rows: list[dict], key: str) -> dict[int, str]:
 
 
 def _cell(row: dict, key: str, mark: str) -> str:
-    """A table cell: a perplexity reads "mean (corpus)", with its empty responses counted."""
-    empty = row.get("empty", {}).get(key)
-    if all_empty(row, key):
-        return f"empty {empty['empty']}/{empty['n']}"
+    """A table cell: a perplexity reads "mean (corpus)", with its degenerate responses
+    counted; a degenerate model's cell names what it did, then its value if it has one."""
+    counts = row.get("degenerate", {}).get(key, {})
+    found = [(kind, counts[kind]) for kind in ("empty", "repetitive") if counts.get(kind)]
+    if all_degenerate(row, key):
+        text = " + ".join(f"{kind} {k}" for kind, k in found) + f"/{counts['n']}"
+        return text + (f" ({_format(key, row[key])})" if row[key] is not None else "")
     text = mark.format(_format(key, row[key]))
     if key.startswith("ppl") and row[key] is not None:
         text += f" ({_format(key, row[corpus_key(key)])})"
-    if empty:
-        text += f", {empty['empty']}/{empty['n']} empty"
-    return text
+    return text + "".join(f", {k}/{counts['n']} {kind}" for kind, k in found)
 
 
 def _rank_text(value) -> str:

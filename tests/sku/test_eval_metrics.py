@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from sku.data.template import PROMPT_TEMPLATE
-from sku.evaluation.metrics import Bleurt, MetricUnavailable, ReferenceLM
+from sku.evaluation.metrics import Bleurt, MetricUnavailable, ReferenceLM, repetitive
 from tests.support.sku import BLEURT_WORDS, byte_tokenizer, write_bleurt
+
+JUDGE_CASES = Path(__file__).parents[1] / "fixtures" / "judge_cases.jsonl"
 
 N_POSITIONS = 96
 
@@ -118,6 +121,26 @@ def test_perplexity_matches_a_float64_forward_by_hand(gpt2_folder, conditioned):
 def test_perplexity_of_nothing_is_none(gpt2_folder):
     result = ReferenceLM(str(gpt2_folder)).perplexity(["", ""])
     assert (result.corpus, result.mean, result.tokens, result.empty) == (None, None, 0, 2)
+
+
+@pytest.mark.parametrize(("response", "looping"), [
+    ("EL " * 40, True), ("Sure! " + "EL " * 30, True), ("I'm sorry to hear that. " * 4, True),
+    ("banana banana banana", True), ("!!!!!!!!!!", True),
+    ("", False), ("No.", False), ("Yes, yes.", False), ("The capital of France is Paris.", False),
+    ("1. Go to the store. 2. Buy milk. 3. Go home. 4. Drink the milk.", False),
+    ("I'm sorry to hear that. It can help to talk to them calmly about how you feel, and if "
+     "that fails, to talk to someone you trust. I'm sorry to hear that it is hard.", False),
+])
+def test_repetitive_finds_loops_and_not_natural_text(response, looping):
+    assert repetitive(response) is looping
+
+
+def test_every_hand_written_natural_response_of_the_judge_set_is_not_repetitive():
+    """The judge set's responses of kinds other than (e) random answers are natural text (a
+    harmful random answer may loop: kind c)."""
+    rows = [json.loads(line) for line in JUDGE_CASES.read_text().splitlines()]
+    natural = [r["response"] for r in rows if r["label"] not in "ce"]
+    assert len(natural) > 100 and not any(map(repetitive, natural))
 
 
 def test_missing_reference_model_says_why(tmp_path):

@@ -163,10 +163,11 @@ def test_sku_ablations_are_named_by_the_term_they_drop(method, eps, label):
     assert method_label({"method": method, "eps": eps}) == label
 
 
-def _split(n, mean, corpus, empty, harmful_rate=0.5):
-    """A split of metrics.json as `sku eval` writes it (eq. 9's mean, corpus, empty count)."""
+def _split(n, mean, corpus, empty, harmful_rate=0.5, repetitive=0):
+    """A split of metrics.json as `sku eval` writes it (eq. 9's mean, corpus, the empty and
+    the repetitive responses)."""
     return {"n": n, "harmful_rate": harmful_rate, "perplexity": corpus, "perplexity_mean": mean,
-            "tokens": 5 * (n - empty), "empty": empty}
+            "tokens": 5 * (n - empty), "empty": empty, "repetitive": repetitive}
 
 
 def _evaluation(tmp_path, method, normal, eps=None, steps=()):
@@ -208,6 +209,30 @@ def test_a_method_with_only_empty_responses_ranks_worst_and_shows_it(tmp_path):
     assert "| **4.00** (3.50), 3/10 empty |" in lines["| SKU"]
     assert "| > 10^3 (900.00) |" in lines["| FT"]
     assert "never averaged in" in table  # the notes say how an empty response counts
+
+
+def test_a_method_that_loops_ranks_worst_although_its_perplexity_is_lowest(tmp_path):
+    """"EL EL EL …" is easy to predict: the lowest perplexity of all. Every response looping
+    is a degenerate model: the cell says so, keeps the value beside it, is not bold, and ranks
+    worst; the harmful-rate cells count the loops too."""
+    from sku.evaluation.report import table_rows
+
+    looping = _split(10, 1.9, 1.9, 0, harmful_rate=0.0, repetitive=10)
+    ga = _evaluation(tmp_path, "ga", looping)
+    ga["final"]["unlearned_harmful"] = ga["final"]["unseen_harmful"] = looping
+    evaluations = [_evaluation(tmp_path, "ft", _split(10, 9.0, 8.0, 0)), ga,
+                   _evaluation(tmp_path, "sku", _split(10, 4.0, 3.5, 1, repetitive=2))]
+    rows = table_rows(evaluations)
+    rank_rows(rows)
+    utility = {r["method"]: r["rank_utility"] for r in rows[1:]}
+    assert utility == {"sku": 1, "ft": 2, "ga": 3}
+    assert {r["method"]: r["rank_unlearn"] for r in rows[1:]}["ga"] == 1  # 0% harmful is 0%
+    lines = {line.split(" | ")[0]: line for line in _render(rows, evaluations).splitlines()
+             if line.startswith("| ")}
+    cells = lines["| GA"].split(" | ")
+    assert cells[2] == cells[4] == cells[5] == "repetitive 10/10 (1.90)"
+    assert cells[1] == "**0.0%**, 10/10 repetitive"
+    assert "| **4.00** (3.50), 1/10 empty, 2/10 repetitive |" in lines["| SKU"]
 
 
 def test_ablations_are_table_2_and_table_1_ranks_the_papers_methods(runs, tmp_path):
@@ -276,9 +301,19 @@ def test_figure3_panels_styles_and_degenerate_points(tmp_path):
     assert sku_line.get_zorder() > lines["GA"].get_zorder()
     assert len(figure.legends) == 1 and all(x.get_legend() is None for x in figure.axes)
     assert [t.get_text() for t in figure.legends[0].get_texts()] == [
-        "GA", "SKU", "degenerate (> 10³ or empty)"]
+        "GA", "SKU", "degenerate (> 10³, empty or looping)"]
     assert d.get_lines() == [] and "not computed" in d.texts[0].get_text()
     assert "no BLEURT here" in d.texts[0].get_text()
+
+    # A model whose responses loop has a perplexity, and a low one: drawn on its own marked
+    # line above the data, not at 1.9 where it would look best.
+    looping = _evaluation(tmp_path, "ga", _split(10, 1.9, 1.9, 0, repetitive=10))
+    data = figure3_data([looping, sku], ["GA", "SKU"])
+    assert data["panels"][2]["curves"][0]["points"][-1] == [8, 1.9, "repetitive"]
+    c = draw_figure3(data).axes[2]
+    ga_ppl = {line.get_gid(): line for line in c.get_lines() if line.get_gid()}["GA"]
+    assert ga_ppl.get_ydata()[-1] > 120.0
+    assert any(t.get_text().startswith("all responses degenerate") for t in c.texts)
 
     flat = _evaluation(tmp_path, "sku", _split(10, 2.8, 2.6, 0))  # original and final only
     linear = draw_figure3(figure3_data([flat], ["SKU"]))

@@ -16,6 +16,7 @@ from sku.data.template import PAPER
 from sku.errors import SkuError
 from sku.evaluation.evaluate import EvalOptions, ModelSpec, materialised
 from sku.evaluation.generate import Decoding, generate, load_generator
+from sku.evaluation.metrics import repetitive
 from sku.run import load_splits
 from tests.support.sku import byte_tokenizer, write_bleurt
 
@@ -126,6 +127,9 @@ def test_eval_writes_metrics_and_responses_for_every_step(run, tmp_path, monkeyp
                       if r["model"] == model["label"] and r["split"] == name]
             known = [p for p in scores if p is not None]
             assert model[name]["empty"] == len(scores) - len(known)
+            assert model[name]["repetitive"] == sum(
+                repetitive(r["response"]) for r in rows
+                if r["model"] == model["label"] and r["split"] == name)
             assert model[name]["perplexity_mean"] == pytest.approx(sum(known) / len(known))
     assert [r["prompt"] for r in rows if r["model"] == "final"] == [
         p for prompts in SPLITS.values() for p in prompts]
