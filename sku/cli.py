@@ -49,7 +49,9 @@ def _add_unlearn(commands) -> None:
     p.add_argument("--config", help=f"recipe YAML, or a shipped one: {', '.join(recipe_names())}")
     add_flags(p, UnlearnConfig, required=REQUIRED)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing run folder (kept in RUN/.replaced until the new "
+                        "model is saved, and put back if the new run ends before a checkpoint)")
     p.set_defaults(handler=run_unlearn)
 
 
