@@ -217,7 +217,9 @@ class Checkpoint:
             self._add_shard(self.path)
             return
         if not self.path.is_dir():
-            raise TaskVecError(f"{self.path}: no such file or folder")
+            what = ("not a regular file or folder" if self.path.exists()
+                    else "no such file or folder")
+            raise TaskVecError(f"{self.path}: {what}")
         index = self.path / INDEX_NAME
         if index.is_file():
             self._open_index(index)

@@ -338,3 +338,20 @@ def test_full_disk_names_the_file(small, tmp_path):
     assert "error: :" not in line
     assert not any(outputs.iterdir())
 
+
+
+@pytest.mark.parametrize("args", [
+    ("negate", "--base", "{base}", "--tuned", "{tuned}", "--out", ""),
+    ("apply", "--base", "{base}", "--vector", " ", "--out", "{out}"),
+    ("info", ""),
+])
+def test_an_empty_path_is_refused_as_one(small, tmp_path, args):
+    """An empty path would resolve to the current folder: refused as empty, not as that."""
+    base, tuned = small
+    args = [a.format(base=base, tuned=tuned, out=tmp_path / "out") for a in args]
+    assert_cli_error(run_cli(*args), "an empty path")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_device_file_is_named_for_what_it_is():
+    assert_cli_error(run_cli("verify", "/dev/null"), "/dev/null", "not a regular file or folder")
