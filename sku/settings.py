@@ -40,7 +40,9 @@ POSITIVE_NUMBER = Check(lambda v: _is_number(v) and v > 0, "a positive number")
 NON_NEGATIVE_NUMBER = Check(lambda v: _is_number(v) and v >= 0, "a non-negative number")
 NUMBER = Check(_is_number, "a number")
 BOOL = Check(lambda v: isinstance(v, bool), "true or false")
-TEXT = Check(lambda v: v is None or isinstance(v, str), "a string")
+# Every text setting is a path, an id, a name or a URL: an empty one ("" is the current
+# folder to pathlib) is a mistake, not a choice.
+TEXT = Check(lambda v: v is None or isinstance(v, str) and bool(v.strip()), "a non-empty string")
 
 
 def one_of(*values) -> Check:

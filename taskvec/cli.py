@@ -10,7 +10,7 @@ import sys
 from taskvec.errors import InterruptedAfterWrite, TaskVecError
 
 
-def _path(text: str) -> str:
+def path_argument(text: str) -> str:
     """A path argument: an empty one would mean the current folder, which no one means."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path")
@@ -18,7 +18,8 @@ def _path(text: str) -> str:
 
 
 def _writer_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=_path, help="output folder (refused if it exists)")
+    p.add_argument("--out", required=True, type=path_argument,
+                   help="output folder (refused if it exists)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--max-shard-size", help="re-shard the output, e.g. 2GB (default: as the base)")
     p.add_argument("--buffer-mb", type=float,
@@ -41,24 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("diff", help="V = T − B")
-    p.add_argument("--base", required=True, type=_path)
-    p.add_argument("--tuned", required=True, type=_path,
+    p.add_argument("--base", required=True, type=path_argument)
+    p.add_argument("--tuned", required=True, type=path_argument,
                    help="full checkpoint or LoRA adapter folder")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the vector (default: the base's)")
     _writer_options(p)
 
     p = sub.add_parser("apply", help="O = B + Σ Sᵢ·Vᵢ")
-    p.add_argument("--base", required=True, type=_path)
-    p.add_argument("--vector", action="append", required=True, type=_path,
+    p.add_argument("--base", required=True, type=path_argument)
+    p.add_argument("--vector", action="append", required=True, type=path_argument,
                    help="task vector or LoRA adapter folder (repeatable)")
     p.add_argument("--scale", action="append", type=float,
                    help="one scale, or one per --vector, in order (default 1; may be negative)")
     _writer_options(p)
 
     p = sub.add_parser("negate", help="O = B − L·(T − B); with --as-adapter, an adapter of −L·ΔW")
-    p.add_argument("--base", type=_path, help="base model (not needed with --as-adapter)")
-    p.add_argument("--tuned", required=True, type=_path,
+    p.add_argument("--base", type=path_argument, help="base model (not needed with --as-adapter)")
+    p.add_argument("--tuned", required=True, type=path_argument,
                    help="full checkpoint or LoRA adapter folder")
     p.add_argument("--scale", type=float, default=1.0, help="L (λ in the SKU paper; default 1)")
     p.add_argument("--as-adapter", action="store_true",
@@ -66,11 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     _writer_options(p)
 
     p = sub.add_parser("info", help="kind, tensors, dtypes, bytes, per-layer delta norms")
-    p.add_argument("path", type=_path)
+    p.add_argument("path", type=path_argument)
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("verify", help="check headers, offsets, index coverage, finite values")
-    p.add_argument("path", type=_path)
+    p.add_argument("path", type=path_argument)
     return parser
 
 

@@ -454,3 +454,21 @@ def test_ctrl_c_while_sku_starts_exits_130_without_a_traceback(tiny_llama, tmp_p
             assert proc.returncode == 130 and stderr.strip().endswith("sku: interrupted"), (
                 delay, proc.returncode, stderr[-3000:])
         shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("unlearn", "--method", "sku", "--model", "m", "--forget-data", "f", "--normal-data", "n",
+      "--out", ""), "out '': a non-empty string"),
+    (("unlearn", "--method", "sku", "--model", " ", "--forget-data", "f", "--normal-data", "n",
+      "--out", "r"), "model ' ': a non-empty string"),
+    (("judge", "--input", "pairs.jsonl", "--out", "", "--judge", "keyword"), "an empty path"),
+    (("eval", "--run", "", "--judge", "keyword"), "an empty path"),
+    (("report", "", "--out", "r"), "an empty path"),
+])
+def test_an_empty_path_or_name_is_refused_as_empty(tmp_path, args, needle):
+    """"" is the current folder to pathlib: taken as a path it was "already exists" or a
+    hub-id error about ''. Refused as what it is, before anything is read."""
+    proc = subprocess.run([sys.executable, "-m", "sku", *args], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert_sku_error(proc, needle)
+    assert list(tmp_path.iterdir()) == []
