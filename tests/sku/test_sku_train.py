@@ -125,7 +125,8 @@ def test_lora_step_uses_the_model_without_its_adapter_as_reference(tmp_path_fact
     folder = tiny_model("llama", tmp_path_factory.getbasetemp())
     tokenizer = build_tokenizer(tmp_path_factory.mktemp("tok"))
     config = resolve_config(
-        {"method": "sku", "model": str(folder), "forget_data": "", "normal_data": "", "out": ""},
+        {"method": "sku", "model": str(folder), "forget_data": "unused", "normal_data": "unused",
+         "out": "unused"},  # a model loaded, no data read, nothing written
         None, {"lora": True, "lora_r": 4, "lora_alpha": 8, "dtype": "float64"})
     model = load_model(config, torch.float64, torch.float64, torch.device("cpu"))
     parameters = [p for p in model.parameters() if p.requires_grad]
