@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import re
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,15 +210,20 @@ def parameters_of(config) -> int:
         return sum(p.numel() for p in random_model(config, torch.float32, "meta").parameters())
 
 
-def run(label: str, function, *args) -> tuple[str, str, str]:
+def run(label: str, function, *args) -> tuple[str, str, str, str]:
     try:
         peak, seconds = function(*args)
         tokens_per_s = RANDOM_SHAPE.tokens * len(seconds) / sum(seconds)
-        return label, "n/a (CPU)" if peak is None else f"{peak:.1f}", f"{tokens_per_s:.0f}"
+        return (label, "n/a (CPU)" if peak is None else f"{peak:.1f}", f"{tokens_per_s:.0f}",
+                f"{statistics.median(seconds):.3f}")
     except torch.cuda.OutOfMemoryError:
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        return label, f"OOM (> {total:.0f})", "—"
+        return label, f"OOM (> {total:.0f})", "—", "—"
+    except Exception as error:  # one recipe's failure must not cost the others' rows
+        traceback.print_exc()
+        return label, f"failed: {type(error).__name__}", "—", "—"
     finally:
+        gc.collect()  # a model held in reference cycles would count in the next recipe's peak
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -238,7 +245,7 @@ def bench_random(args) -> int:
         rows.append(run("official: 2 × fp32 models, full logits", bench_official, config,
                         device, args.steps))
     rows.append(("official floor: 2 fp32 copies of the weights", f"{2 * 4 * params / 2**30:.1f}",
-                 "—"))
+                 "—", "—"))
     command = "python bench/bench_unlearn_step.py" + (" --tiny" if args.tiny else "")
     text = "\n".join([
         f"# SKU stage-1 step{' (tiny shape)' if args.tiny else ''}, {machine(device)}", "",
@@ -250,7 +257,8 @@ def bench_random(args) -> int:
         f"- versions: {versions('torch', 'transformers', 'peft')}",
         f"- command: `{command}`; {args.steps} timed steps after 1 warm-up; "
         f"date {datetime.date.today()}", "",
-        *table(["recipe", "peak GPU memory GiB", "tokens/s"], rows), ""])
+        *table(["recipe", "peak GPU memory GiB", "tokens/s", "s/step (median)"], rows,
+               right=(1, 2, 3)), ""])
     print(text)
     name = "unlearn_step_tiny.md" if args.tiny else "unlearn_step.md"
     write_results(args.out or RESULTS / name, text)
