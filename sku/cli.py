@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sku.errors import SkuError, read_text, refuse_existing
 from taskvec.cli import path_argument
+from taskvec.errors import interrupt_handled
 
 
 def _common() -> argparse.ArgumentParser:
@@ -286,6 +287,7 @@ def main(argv=None) -> int:
         return _run(argv)
     except KeyboardInterrupt:
         print("sku: interrupted", file=sys.stderr)
+        interrupt_handled()
         return 130
     except _Terminated:
         print("sku: terminated", file=sys.stderr)

@@ -7,7 +7,7 @@ import json
 import signal
 import sys
 
-from taskvec.errors import InterruptedAfterWrite, TaskVecError
+from taskvec.errors import InterruptedAfterWrite, TaskVecError, interrupt_handled
 
 
 def path_argument(text: str) -> str:
@@ -132,9 +132,11 @@ def main(argv=None) -> int:
         print(f"taskvec: interrupted after {e.out} was written in full (only the removal of "
               "the previous output was cut short; the next run to it finishes that)",
               file=sys.stderr)
+        interrupt_handled()
         return 130
     except KeyboardInterrupt:
         print("taskvec: interrupted; nothing was written", file=sys.stderr)
+        interrupt_handled()
         return 130
     except OSError as e:  # disk full, permissions: still one line, still nothing half-written
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)

@@ -472,3 +472,27 @@ def test_an_empty_path_or_name_is_refused_as_empty(tmp_path, args, needle):
                           capture_output=True, text=True)
     assert_sku_error(proc, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+
+@pytest.mark.parametrize("handled", [False, True])
+def test_a_ctrl_c_inside_pyrun_string_code_still_exits_130_once_handled(handled, tmp_path):
+    """CPython remembers a KeyboardInterrupt raised in code run through PyRun_String (as
+    pybind11's py::exec runs it) and, when run with -m as `python -m sku` is, ends the process
+    by SIGINT even after the CLI handled it and returns 130; both CLIs clear that memory
+    (taskvec.errors.interrupt_handled)."""
+    (tmp_path / "interrupted.py").write_text(
+        "import ctypes, sys\n"
+        "from taskvec.errors import interrupt_handled\n"
+        "run = ctypes.pythonapi.PyRun_String\n"
+        "run.restype = ctypes.py_object\n"
+        "run.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.py_object, ctypes.py_object]\n"
+        "try:\n"
+        "    run(b'raise KeyboardInterrupt', 257, {}, {})  # 257: Py_file_input\n"
+        "except KeyboardInterrupt:\n"
+        f"    {'interrupt_handled()' if handled else 'pass'}\n"
+        "sys.exit(130)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "interrupted"], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == (130 if handled else -signal.SIGINT), proc.stderr
