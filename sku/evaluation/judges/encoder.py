@@ -102,8 +102,10 @@ class EncoderJudge:
             raise cannot_load(head, "the judge head", e, JudgeError) from None
         self.weight, self.bias, self.threshold = (tensors["weight"], tensors["bias"],
                                                   float(tensors["threshold"]))
-        digest = hashlib.sha256(head.read_bytes()).hexdigest()[:12]
-        self.name = f"encoder:minilm@{digest}"
+        # Named by its numbers, not its file: cached verdicts stay valid when only the
+        # metadata (the training record) changes.
+        digest = hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors)))
+        self.name = f"encoder:minilm@{digest.hexdigest()[:12]}"
         # Found (or fetched) now, so that a missing encoder is refused before any generation;
         # loaded at the first pair not in the cache, so that a cached rerun never loads it.
         self.folder = Path(model) if model else MINILM.fetch()
