@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+from taskvec.errors import TaskVecError
+from taskvec.jsonfile import read_regular
 
 
 class SkuError(Exception):
@@ -21,14 +25,17 @@ def cannot_load(source, what: str, error: BaseException, kind: type = SkuError) 
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """A text file's contents, or one line naming it: unreadable, or not UTF-8 text (where)."""
+    """A text file's contents, or one line naming it: not a regular file (a FIFO or device is
+    refused before a read could block), unreadable, or not UTF-8 text (where)."""
     try:
-        return path.read_text(encoding=encoding)
+        raw = read_regular(Path(path), limit=sys.maxsize)  # data files may be gigabytes
+    except TaskVecError as e:
+        raise SkuError(str(e)) from None
+    try:
+        return raw.decode(encoding)
     except UnicodeDecodeError as e:
         raise SkuError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x})"
                        ) from None
-    except OSError as e:
-        raise SkuError(f"{path}: unreadable: {e.strerror or e}") from None
 
 
 def refuse_existing(path: Path, force: bool, hint: str = "pass --force to replace it") -> None:

@@ -25,7 +25,9 @@ class Check:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An int that fits 64 bits: torch takes seeds and sizes as C integers, and a larger one
+    fails deep inside it (after the model has loaded) or never ends."""
+    return isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63
 
 
 def _is_number(v) -> bool:
@@ -33,9 +35,9 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-POSITIVE_INT = Check(lambda v: _is_int(v) and v > 0, "a positive integer")
-NON_NEGATIVE_INT = Check(lambda v: _is_int(v) and v >= 0, "a non-negative integer")
-INT = Check(_is_int, "an integer")
+POSITIVE_INT = Check(lambda v: _is_int(v) and v > 0, "a positive integer (64-bit)")
+NON_NEGATIVE_INT = Check(lambda v: _is_int(v) and v >= 0, "a non-negative integer (64-bit)")
+INT = Check(_is_int, "an integer (64-bit)")
 POSITIVE_NUMBER = Check(lambda v: _is_number(v) and v > 0, "a positive number")
 NON_NEGATIVE_NUMBER = Check(lambda v: _is_number(v) and v >= 0, "a non-negative number")
 NUMBER = Check(_is_number, "a number")

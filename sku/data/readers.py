@@ -137,8 +137,11 @@ def read_records(source: str) -> tuple[str, list[dict]]:
     path = Path(source).expanduser()
     if path.is_file():
         resolved, records = str(path), _read_file(path)
-    elif path.exists():
+    elif path.is_dir():
         raise SkuError(f"{source}: is a folder; expected a .jsonl, .json, .csv or .parquet file")
+    elif path.exists():  # a FIFO or device: reading it could block
+        raise SkuError(f"{source}: not a regular file; expected a .jsonl, .json, .csv or "
+                       ".parquet file")
     elif _HUB_ID.fullmatch(source) and path.suffix not in {*_TEXT_READERS, ".parquet"}:
         resolved, records = _read_hub(source)
     else:

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from sku.errors import SkuError, refuse_existing
+from sku.errors import SkuError, read_text, refuse_existing
 from sku.run import SPLITS, RunFolder
 from taskvec import write_atomic, write_json
 
@@ -96,8 +96,8 @@ def load_metrics(path: str | Path) -> dict:
     for candidate in (path, path / "metrics.json", RunFolder(path).eval / "metrics.json"):
         if candidate.is_file():
             try:
-                metrics = json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:  # ValueError: JSON, UTF-8
+                metrics = json.loads(read_text(candidate))
+            except ValueError as e:
                 raise SkuError(f"{candidate}: unreadable: {e}") from None
             missing = _missing_key(metrics)
             if missing:

@@ -221,6 +221,9 @@ def test_a_second_unlearn_on_a_run_folder_in_use_is_refused(tiny_llama, tmp_path
     ("scale: abc\n", [], "scale 'abc'"),
     (None, ["--weight-decay", "-1"], "weight_decay -1.0"),
     (b"seed: \xff\xfe\n", [], "not UTF-8"),
+    (None, ["--seed", str(2**64)], f"seed {2**64}: an integer (64-bit)"),  # torch's C long
+    (f"max_steps: {10**30}\n", [], f"max_steps {10**30}"),
+    ("1: 2\nfoo: 3\n", [], "unknown setting 1"),  # YAML keys of two types
 ])
 def test_every_setting_is_refused_before_anything_starts(tiny_llama, tmp_path, recipe, flags,
                                                          needle):
@@ -292,7 +295,7 @@ def test_inputs_that_are_not_utf8_are_one_line(tmp_path):
 @pytest.mark.parametrize(("text", "needle"), [
     ('{"method": "sku", "final": {}}', "no model"),  # partial: written by hand, or old
     ('{"method": "sku", "final": {', "unreadable"),  # cut short
-    (b'{"method": "\xff"}', "unreadable"),
+    (b'{"method": "\xff"}', "not UTF-8"),
 ])
 def test_report_on_a_partial_metrics_json_is_one_line(tmp_path, text, needle):
     metrics = tmp_path / "eval" / "metrics.json"
@@ -472,3 +475,34 @@ def test_an_empty_path_or_name_is_refused_as_empty(tmp_path, args, needle):
                           capture_output=True, text=True)
     assert_sku_error(proc, needle)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not regular files: a FIFO is refused without a read that would block
+
+
+@pytest.mark.parametrize("where", ["input", "word list", "few-shot", "forget data"])
+def test_a_fifo_in_place_of_a_file_is_refused_without_waiting(tiny_llama, tmp_path, where):
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)  # no writer ever opens it: a read would wait forever
+    rows = tmp_path / "rows.jsonl"
+    write_rows(rows, 1)
+    judge = ["judge", "--input", str(rows), "--out", str(tmp_path / "v.jsonl"), "--judge"]
+    args = {"input": ["judge", "--input", str(fifo), "--out", str(tmp_path / "v.jsonl"),
+                      "--judge", "keyword"],
+            "word list": [*judge, "keyword", "--judge-model", str(fifo)],
+            "few-shot": [*judge, "openai", "--judge-model", "m", "--few-shot", str(fifo),
+                         "--base-url", "http://127.0.0.1:9/v1"],
+            "forget data": [*_required(tiny_llama, tmp_path / "run")]}[where]
+    if where == "forget data":
+        args[args.index(str(PKU_V1))] = str(fifo)
+    assert_sku_error(run_sku(*args, timeout=60), str(fifo), "not a regular file",
+                     only_line=False)
+
+
+def test_a_k_larger_than_the_pool_draws_every_eligible_row_at_once(tiny_llama, tmp_path):
+    """k is how many other responses each row is pulled away from; a k over the pool's size
+    takes them all (it spun through 20·k rejected draws before)."""
+    proc = run_sku(*_required(tiny_llama, tmp_path / "run"), "--max-steps", "1",
+                   "--eval-size", "1", "--k", str(10**9), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
