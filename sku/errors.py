@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from taskvec.errors import TaskVecError
@@ -22,6 +23,19 @@ def first_line(error: BaseException) -> str:
 def cannot_load(source, what: str, error: BaseException, kind: type = SkuError) -> Exception:
     """`SOURCE: cannot load WHAT: first line of the library's error`, to raise from it."""
     return kind(f"{source}: cannot load {what}: {first_line(error)}")
+
+
+@contextmanager
+def loading(source, what: str, kind: type = SkuError):
+    """Library code loading a user's files (transformers, peft, safetensors) raises many types
+    for a damaged one: OSError, ValueError, but also TypeError for a config.json that is a list,
+    KeyError, AttributeError. Each becomes one line, `SOURCE: cannot load WHAT: …`."""
+    try:
+        yield
+    except (SkuError, TaskVecError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the library raised, the file is at fault
+        raise cannot_load(source, what, e, kind) from None
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:

@@ -31,13 +31,14 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    """A finite int or float: no setting means anything at NaN or ±inf (--scale inf)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float: no setting means anything at NaN or ±inf (--scale inf). An int
+    beyond 64 bits is refused too (math.isfinite would raise on one past a float's range)."""
+    return (isinstance(v, float) and math.isfinite(v)) or _is_int(v)
 
 
-POSITIVE_INT = Check(lambda v: _is_int(v) and v > 0, "a positive integer (64-bit)")
-NON_NEGATIVE_INT = Check(lambda v: _is_int(v) and v >= 0, "a non-negative integer (64-bit)")
-INT = Check(_is_int, "an integer (64-bit)")
+POSITIVE_INT = Check(lambda v: _is_int(v) and v > 0, "a positive integer")
+NON_NEGATIVE_INT = Check(lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+INT = Check(_is_int, "an integer")
 POSITIVE_NUMBER = Check(lambda v: _is_number(v) and v > 0, "a positive number")
 NON_NEGATIVE_NUMBER = Check(lambda v: _is_number(v) and v >= 0, "a non-negative number")
 NUMBER = Check(_is_number, "a number")
@@ -141,4 +142,6 @@ def validate(obj) -> None:
     for field in fields(type(obj)):
         check, value = field.metadata["check"], getattr(obj, field.name)
         if not check.ok(value):
-            raise SkuError(f"{field.name} {value!r}: {check.what}")
+            beyond = isinstance(value, int) and not -2**63 <= value < 2**63
+            raise SkuError(f"{field.name} {value!r}: {check.what}"
+                           + (" (of 64 bits)" if beyond else ""))

@@ -8,7 +8,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from sku.errors import SkuError, cannot_load, first_line
+from sku.errors import SkuError, first_line, loading
 
 # Config attributes of architectures whose logits are not plain h·Wᵀ (soft-capping, scaling).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -83,12 +83,8 @@ def load_model(config, compute: torch.dtype, params: torch.dtype, device: torch.
     if config.quantize:
         kwargs["quantization_config"] = _quantization(config.quantize, compute)
         kwargs["device_map"] = {"": device}
-    from safetensors import SafetensorError
-
-    try:
+    with loading(config.model, "the model"):  # a damaged checkpoint
         model = AutoModelForCausalLM.from_pretrained(model_source(config.model), **kwargs)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a damaged checkpoint
-        raise cannot_load(config.model, "the model", e) from None
     _check_plain_head(model, config.model)
     model.config.use_cache = False
     if config.gradient_checkpointing:

@@ -221,8 +221,9 @@ def test_a_second_unlearn_on_a_run_folder_in_use_is_refused(tiny_llama, tmp_path
     ("scale: abc\n", [], "scale 'abc'"),
     (None, ["--weight-decay", "-1"], "weight_decay -1.0"),
     (b"seed: \xff\xfe\n", [], "not UTF-8"),
-    (None, ["--seed", str(2**64)], f"seed {2**64}: an integer (64-bit)"),  # torch's C long
+    (None, ["--seed", str(2**64)], f"seed {2**64}: an integer (of 64 bits)"),  # torch's
     (f"max_steps: {10**30}\n", [], f"max_steps {10**30}"),
+    (f"lr: {10**400}\n", [], "lr 1000"),  # math.isfinite raises OverflowError on it
     ("1: 2\nfoo: 3\n", [], "unknown setting 1"),  # YAML keys of two types
 ])
 def test_every_setting_is_refused_before_anything_starts(tiny_llama, tmp_path, recipe, flags,
@@ -506,3 +507,16 @@ def test_a_k_larger_than_the_pool_draws_every_eligible_row_at_once(tiny_llama, t
     proc = run_sku(*_required(tiny_llama, tmp_path / "run"), "--max-steps", "1",
                    "--eval-size", "1", "--k", str(10**9), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("config", ["[1]", '{"model_type": 5}', '{"model_type": "llama", '
+                                    '"hidden_size": "wide"}'])
+def test_a_model_config_of_the_wrong_shape_is_one_line(tiny_llama, tmp_path, config):
+    """transformers raises TypeError, AttributeError or KeyError on these, not only OSError
+    and ValueError: every load of a user's model is wrapped the same way (sku.errors.loading)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "config.json").write_text(config)
+    assert_sku_error(run_sku(*unlearn_args("sku", model, tmp_path / "run")), str(model),
+                     "cannot load", only_line=False)  # transformers may warn first
+    assert not (tmp_path / "run").exists()
