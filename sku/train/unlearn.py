@@ -122,7 +122,9 @@ def prepare_data(config: UnlearnConfig, method: Method, tokenizer):
         if not pools[kind]:
             raise SkuError(f"{sources[kind]}: no {kind} pairs to train {method.name} on")
     if "mismatch" in active and len({p.prompt for p in pools[method.mismatch_pool]}) < 2:
-        raise SkuError(f"{method.name}: mismatch rows need responses to two prompts or more")
+        source = forget.source if method.mismatch_pool == "forget" else normal.source
+        raise SkuError(f"{source}: {method.name}'s mismatch rows need responses to two prompts "
+                       "or more")
     provenance = {"forget_data": forget.source, "normal_data": normal.source,
                   "pool_sizes": {kind: len(pairs) for kind, pairs in pools.items()}}
     return pools, splits, provenance

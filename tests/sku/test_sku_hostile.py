@@ -520,3 +520,34 @@ def test_a_model_config_of_the_wrong_shape_is_one_line(tiny_llama, tmp_path, con
     assert_sku_error(run_sku(*unlearn_args("sku", model, tmp_path / "run")), str(model),
                      "cannot load", only_line=False)  # transformers may warn first
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("prompt", 7, "record 1: prompt is int 7, expected text"),
+    ("response_0", ["a", "list"], "record 1: response_0 is list"),
+])
+def test_a_text_field_of_another_type_is_named_not_dropped(tiny_llama, tmp_path, field, value,
+                                                          needle):
+    """A number where a prompt or response belongs is a broken file: its pairs were dropped
+    silently with the empty ones, and the run went on without them. null is still an empty
+    text (the pair is dropped)."""
+    rows = [json.loads(line) for line in PKU_V1.read_text().splitlines()]
+    rows[0]["response_1"] = None
+    rows[1][field] = value
+    data = tmp_path / "pku.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = _required(tiny_llama, tmp_path / "run")
+    args[args.index(str(PKU_V1))] = str(data)
+    assert_sku_error(run_sku(*args), str(data), needle)
+    rows[1][field] = "text again"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_forget(str(data)).harmful) > 0
+
+
+def test_forget_data_too_small_for_mismatch_rows_is_named(tiny_llama, tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    args = _required(tiny_llama, tmp_path / "run")
+    args[args.index(str(PKU_V1))] = str(data)
+    assert_sku_error(run_sku(*args), str(data), "mismatch rows need responses to two prompts",
+                     only_line=False)
