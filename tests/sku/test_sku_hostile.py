@@ -295,8 +295,9 @@ def test_inputs_that_are_not_utf8_are_one_line(tmp_path):
 
 @pytest.mark.parametrize(("text", "needle"), [
     ('{"method": "sku", "final": {}}', "no model"),  # partial: written by hand, or old
-    ('{"method": "sku", "final": {', "unreadable"),  # cut short
+    ('{"method": "sku", "final": {', "not valid JSON"),  # cut short
     (b'{"method": "\xff"}', "not UTF-8"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # json's RecursionError
 ])
 def test_report_on_a_partial_metrics_json_is_one_line(tmp_path, text, needle):
     metrics = tmp_path / "eval" / "metrics.json"
@@ -551,3 +552,26 @@ def test_forget_data_too_small_for_mismatch_rows_is_named(tiny_llama, tmp_path):
     args[args.index(str(PKU_V1))] = str(data)
     assert_sku_error(run_sku(*args), str(data), "mismatch rows need responses to two prompts",
                      only_line=False)
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda m: m["final"]["unlearned_harmful"].update(harmful_rate="high"),
+     "final.unlearned_harmful.harmful_rate is 'high', expected a rate"),
+    (lambda m: m.update(eps=[1.0]), "eps is [1.0], expected three numbers"),
+    (lambda m: m["judge"].update(name=7), "judge.name is 7, expected text"),
+    (lambda m: m.update(steps={"step": 1}), "steps is {'step': 1}"),
+    (lambda m: m.update(steps=[{"normal": {}}]), "no steps[0].step"),
+    (lambda m: m["final"]["normal"].update(n="2"), "final.normal.n is '2', expected a count"),
+    (lambda m: m["decoding"].pop("template"), "no decoding.template"),
+])
+def test_report_on_a_metrics_field_of_the_wrong_type_is_one_line(tmp_path, edit, needle):
+    """Each of these passed the old check of the top-level keys and failed deep in the tables
+    or the figure (ValueError, TypeError, a zip of unequal lengths)."""
+    fixture = Path(__file__).parents[1] / "fixtures" / "eval" / "runs" / "sku" / "eval"
+    metrics = json.loads((fixture / "metrics.json").read_text())
+    edit(metrics)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    proc = run_sku("report", str(tmp_path / "eval"), "--out", str(tmp_path / "report"))
+    assert_sku_error(proc, str(tmp_path / "eval" / "metrics.json"), needle)
+    assert not (tmp_path / "report").exists()
