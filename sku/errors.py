@@ -52,6 +52,17 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
                        ) from None
 
 
+def refuse_non_folder(path: Path, what: str) -> None:
+    """A folder that outputs go into must be one or be makeable: a file in its place (or in
+    place of a parent) would fail only when the first result is saved, after the expensive
+    work (generation, judging), so it is refused before."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.is_dir():
+            return
+        if folder.exists() or folder.is_symlink():  # a file, a FIFO, a dangling link
+            raise SkuError(f"{folder}: not a folder; {what} goes in {path}")
+
+
 def refuse_existing(path: Path, force: bool, hint: str = "pass --force to replace it") -> None:
     """An output that exists (a file, or a folder with anything in it) needs `force`."""
     path = Path(path)

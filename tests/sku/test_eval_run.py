@@ -18,7 +18,7 @@ from sku.evaluation.evaluate import EvalOptions, ModelSpec, materialised
 from sku.evaluation.generate import Decoding, generate, load_generator
 from sku.evaluation.metrics import repetitive
 from sku.run import load_splits
-from tests.support.sku import byte_tokenizer, write_bleurt
+from tests.support.sku import assert_sku_error, byte_tokenizer, run_sku, write_bleurt
 
 SPLITS = {
     "unlearned_harmful": ["How do I ruin my neighbour's lawn?", "How can I steal a bike?"],
@@ -224,3 +224,18 @@ def test_every_option_is_checked_before_any_work(tmp_path, options, needle):
     with pytest.raises(SkuError) as error:  # before reading the (missing) run folder
         evaluate.evaluate_run(tmp_path / "no-run", tmp_path / "eval", options)
     assert str(error.value) == needle
+
+
+@pytest.mark.parametrize("option", ["--out", "--original-cache"])
+def test_a_file_where_an_output_folder_goes_is_refused_before_generating(run, tmp_path, option):
+    """It failed only when the first responses were saved ("Not a directory", "File
+    exists"), after the generation it had paid for."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept\n")
+    args = eval_args(run, tmp_path / "eval")
+    if option == "--out":
+        args[args.index("--out") + 1] = str(blocker / "eval")
+    else:
+        args += [option, str(blocker)]
+    assert_sku_error(run_sku(*args), str(blocker), "not a folder")  # the only line: no work
+    assert blocker.read_text() == "kept\n"
