@@ -575,3 +575,13 @@ def test_report_on_a_metrics_field_of_the_wrong_type_is_one_line(tmp_path, edit,
     proc = run_sku("report", str(tmp_path / "eval"), "--out", str(tmp_path / "report"))
     assert_sku_error(proc, str(tmp_path / "eval" / "metrics.json"), needle)
     assert not (tmp_path / "report").exists()
+
+
+def test_a_lora_rank_above_every_wrapped_module_is_one_line(tiny_llama, tmp_path):
+    """--lora-r 1e9 failed allocating the adapter (RuntimeError, a traceback); any r above
+    min(in, out) of every wrapped module adds nothing, so it is refused."""
+    for r in ("1000000000", "33"):  # the tiny Llama's q_proj is 32×32, v_proj 32×16
+        assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, tmp_path / "run", "--lora",
+                                               "--lora-r", r)),
+                         f"lora_r {r}: above the rank", "at most 32", only_line=False)
+        assert not (tmp_path / "run").exists()
