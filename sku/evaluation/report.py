@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sku.errors import SkuError, read_text, refuse_existing
 from sku.run import SPLITS, RunFolder
-from taskvec import TaskVecError, jsonfile, write_atomic, write_json
+from taskvec import OutputDir, TaskVecError, jsonfile, write_atomic, write_json
 
 METHOD_LABELS = {"ft": "FT", "task_vector": "Task Vector", "ga": "GA",
                  "ga_mismatch": "GA+Mismatch", "sku": "SKU"}
@@ -373,9 +373,28 @@ def render_markdown(rows: list[dict], evaluations: list[dict], ranked: list[str]
 # The command
 
 
+REPORT_FILES = {"report.md", "report.json", "figure3.png", "figure3.pdf", "figure3.json"}
+
+
+def _report_folder(out: Path, force: bool) -> OutputDir:
+    """The report is written whole into a temporary sibling and swapped in (taskvec's
+    OutputDir): an interrupted or failed report leaves the old one, not a mix of old and new
+    files or an empty folder. The swap replaces the whole folder, so one holding anything but
+    a report's files is refused, even with --force."""
+    if out.exists() and not out.is_dir():
+        raise SkuError(f"{out}: is a file, not a report folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [name for name in entries if name not in REPORT_FILES]
+    if foreign:
+        raise SkuError(f"{out}: holds {foreign[0]!r}, which is not a report's file (a report "
+                       "replaces its whole folder); choose another --out")
+    refuse_existing(out, force)
+    return OutputDir(out, force=True)  # an empty folder, or a report that --force replaces
+
+
 def write_report(inputs: list[str | Path], out: str | Path, force: bool = False) -> dict:
     out = Path(out)
-    refuse_existing(out / "report.json", force)
+    folder = _report_folder(out, force)
     if not inputs:
         raise SkuError("sku report: name at least one run or evaluation folder")
     evaluations = [load_metrics(path) for path in inputs]
@@ -391,7 +410,12 @@ def write_report(inputs: list[str | Path], out: str | Path, force: bool = False)
     if len(models) > 1:
         notes.append(f"The evaluations start from different original models ({', '.join(models)});"
                      " the Original row is the first one's.")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with folder as tmp:
+        return _write_report(evaluations, rows, ablations, ranked, notes, tmp)
+
+
+def _write_report(evaluations, rows, ablations, ranked, notes, out: Path) -> dict:
     # Imported here: matplotlib is slow to import and only the figure needs it.
     from sku.evaluation.figures import write_figure3
 

@@ -585,3 +585,44 @@ def test_a_lora_rank_above_every_wrapped_module_is_one_line(tiny_llama, tmp_path
                                                "--lora-r", r)),
                          f"lora_r {r}: above the rank", "at most 32", only_line=False)
         assert not (tmp_path / "run").exists()
+
+
+def _report_renames(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if "rename" in line and "=" in line]
+
+
+def test_a_failed_forced_report_keeps_the_old_report_whole(tmp_path):
+    """The report's files were each written in place: a failure (here EIO, injected by strace
+    at the rename that puts report.md in place) after the figures left new figures beside
+    the old report.md and report.json. It is now written whole and swapped in."""
+    runs = Path(__file__).parents[1] / "fixtures" / "eval" / "runs"
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "sku", "report", str(runs / "sku"), str(runs / "ga"),
+               "--out", str(out), "--force"]
+    assert run_sku(*command[3:]).returncode == 0
+    log = tmp_path / "strace.log"
+    trace = ["strace", "-f", "-qq", "-o", str(log), "-e", "trace=rename,renameat,renameat2"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    dry = subprocess.run([*trace, *command], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    calls = _report_renames(log)
+    when = 1 + next(i for i, call in enumerate(calls) if "report.md" in call)
+    old = {p.name: p.read_bytes() for p in out.iterdir()}  # as the dry run left it
+    proc = subprocess.run([*trace, "-e", f"inject=rename,renameat,renameat2:error=EIO:"
+                           f"when={when}", *command], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert_sku_error(proc, "report.md", only_line=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "strace.log"]
+
+
+def test_a_report_folder_holding_other_files_is_refused_and_kept(tmp_path):
+    """A report replaces its whole folder, so `--out .` or a folder of notes is refused, even
+    with --force, rather than swapped away."""
+    runs = Path(__file__).parents[1] / "fixtures" / "eval" / "runs"
+    (tmp_path / "notes.txt").write_text("mine\n")
+    for force in ((), ("--force",)):
+        assert_sku_error(run_sku("report", str(runs / "sku"), "--out", str(tmp_path), *force),
+                         str(tmp_path), "'notes.txt'", "not a report's file")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
