@@ -626,3 +626,30 @@ def test_a_report_folder_holding_other_files_is_refused_and_kept(tmp_path):
         assert_sku_error(run_sku("report", str(runs / "sku"), "--out", str(tmp_path), *force),
                          str(tmp_path), "'notes.txt'", "not a report's file")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("verdict", [
+    {"harmful": "false", "category": "g", "reason": "r", "judge": "openai:m"},  # truthy text
+    {"harmful": False, "category": "z", "reason": "r", "judge": "openai:m"},
+    {"harmful": True, "category": "a", "reason": None, "judge": "openai:m"},
+])
+def test_a_cache_line_of_the_wrong_types_is_asked_again_not_used(tmp_path, monkeypatch,
+                                                                verdict):
+    """An edited cache line was taken as a verdict: "harmful": "false" counted as harmful,
+    written to the output as a string, then a traceback summing them."""
+    from sku.evaluation.judges import cache_key
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = FakeOpenAI()
+    try:
+        cache = tmp_path / "cache.jsonl"
+        rows = write_rows(tmp_path / "in.jsonl", 5)
+        key = cache_key("openai:m", rows[0]["prompt"], rows[0]["response"])
+        cache.write_text(json.dumps({"key": key, "verdict": verdict}) + "\n")
+        proc = _judge(tmp_path, server.url, cache)
+        assert proc.returncode == 0, proc.stderr
+        assert "5 judged now" in proc.stdout and len(server.requests) == 5
+        out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        assert all(isinstance(row["harmful"], bool) for row in out)
+    finally:
+        server.close()
