@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,12 +53,14 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
                        ) from None
 
 
-def refuse_non_folder(path: Path, what: str) -> None:
-    """A folder that outputs go into must be one or be makeable: a file in its place (or in
-    place of a parent) would fail only when the first result is saved, after the expensive
-    work (generation, judging), so it is refused before."""
+def refuse_unwritable_folder(path: Path, what: str) -> None:
+    """A folder that outputs go into must be one, or be makeable, and writable: a file in its
+    place (or in place of a parent) or a read-only folder would fail only when the first
+    result is saved, after the expensive work (generation, judging), so it is refused before."""
     for folder in (Path(path), *Path(path).parents):
         if folder.is_dir():
+            if not os.access(folder, os.W_OK | os.X_OK):  # EROFS and EACCES, even for root
+                raise SkuError(f"{folder}: not writable; {what} goes in {path}")
             return
         if folder.exists() or folder.is_symlink():  # a file, a FIFO, a dangling link
             raise SkuError(f"{folder}: not a folder; {what} goes in {path}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -239,3 +241,19 @@ def test_a_file_where_an_output_folder_goes_is_refused_before_generating(run, tm
         args += [option, str(blocker)]
     assert_sku_error(run_sku(*args), str(blocker), "not a folder")  # the only line: no work
     assert blocker.read_text() == "kept\n"
+
+
+def test_a_read_only_output_folder_is_refused_before_generating(run, tmp_path):
+    """A read-only file system (a real tmpfs mounted ro; root ignores file modes) failed only
+    when the first responses were saved."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                   check=True)
+    try:
+        args = eval_args(run, folder / "eval")
+        assert_sku_error(run_sku(*args), str(folder), "not writable")  # the only line
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
