@@ -19,7 +19,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from sku.errors import SkuError, read_text, refuse_existing
+from sku.errors import SkuError, read_text, refuse_existing, refuse_unwritable_folder
 from taskvec.cli import path_argument
 from taskvec.errors import interrupt_handled
 
@@ -213,6 +213,7 @@ def run_judge(args: argparse.Namespace) -> None:
     from taskvec import write_atomic
 
     source, out = Path(args.input), Path(args.out)
+    refuse_unwritable_folder(out.parent, "--out")
     refuse_existing(out, args.force)
     rows = _read_rows(source)
     options = EvalOptions(**given(EvalOptions, args, JUDGE_OPTIONS))

@@ -25,12 +25,15 @@ class Check:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An int that fits 64 bits: torch takes seeds and sizes as C integers, and a larger one
+    fails deep inside it (after the model has loaded) or never ends."""
+    return isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63
 
 
 def _is_number(v) -> bool:
-    """A finite int or float: no setting means anything at NaN or ±inf (--scale inf)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float: no setting means anything at NaN or ±inf (--scale inf). An int
+    beyond 64 bits is refused too (math.isfinite would raise on one past a float's range)."""
+    return (isinstance(v, float) and math.isfinite(v)) or _is_int(v)
 
 
 POSITIVE_INT = Check(lambda v: _is_int(v) and v > 0, "a positive integer")
@@ -139,4 +142,6 @@ def validate(obj) -> None:
     for field in fields(type(obj)):
         check, value = field.metadata["check"], getattr(obj, field.name)
         if not check.ok(value):
-            raise SkuError(f"{field.name} {value!r}: {check.what}")
+            beyond = isinstance(value, int) and not -2**63 <= value < 2**63
+            raise SkuError(f"{field.name} {value!r}: {check.what}"
+                           + (" (of 64 bits)" if beyond else ""))

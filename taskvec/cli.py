@@ -116,7 +116,11 @@ def _run(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+_received = [signal.SIGINT]  # the signal that interrupted the run: Ctrl-C unless SIGTERM
+
+
 def _interrupt(signum, frame):
+    _received[0] = signum
     raise KeyboardInterrupt  # unwinds through the atomic writer, which removes its temporary
 
 
@@ -133,11 +137,11 @@ def main(argv=None) -> int:
               "the previous output was cut short; the next run to it finishes that)",
               file=sys.stderr)
         interrupt_handled()
-        return 130
+        return 128 + _received[0]  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
     except KeyboardInterrupt:
         print("taskvec: interrupted; nothing was written", file=sys.stderr)
         interrupt_handled()
-        return 130
+        return 128 + _received[0]
     except OSError as e:  # disk full, permissions: still one line, still nothing half-written
         where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
         where = where or f"{args.command}"  # errors without a file are wrapped at their source

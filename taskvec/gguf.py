@@ -28,7 +28,10 @@ def cache_root() -> Path:
     """$TASKVEC_CACHE, else $XDG_CACHE_HOME/taskvec (~/.cache/taskvec)."""
     if os.environ.get("TASKVEC_CACHE"):
         return Path(os.environ["TASKVEC_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "taskvec"
+    # The XDG spec: an empty or relative XDG_CACHE_HOME is ignored (a relative one would
+    # put the cache in whatever folder a run starts in).
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    return (xdg if xdg.is_absolute() else Path("~/.cache").expanduser()) / "taskvec"
 
 
 def _sha256(path: Path) -> str:

@@ -137,8 +137,11 @@ def read_records(source: str) -> tuple[str, list[dict]]:
     path = Path(source).expanduser()
     if path.is_file():
         resolved, records = str(path), _read_file(path)
-    elif path.exists():
+    elif path.is_dir():
         raise SkuError(f"{source}: is a folder; expected a .jsonl, .json, .csv or .parquet file")
+    elif path.exists():  # a FIFO or device: reading it could block
+        raise SkuError(f"{source}: not a regular file; expected a .jsonl, .json, .csv or "
+                       ".parquet file")
     elif _HUB_ID.fullmatch(source) and path.suffix not in {*_TEXT_READERS, ".parquet"}:
         resolved, records = _read_hub(source)
     else:
@@ -164,8 +167,14 @@ def _require(source: str, records: list[dict], schemas: dict[str, tuple[str, ...
     raise SkuError(f"{source}: missing columns {', '.join(missing)}; expected columns {expected}")
 
 
-def _text(value) -> str:
-    return value.strip() if isinstance(value, str) else ""
+def _text(value, where: str) -> str:
+    """A text field; null is an empty one (dropped with the pair). A number or a list is a
+    mistake that dropping would hide, so it is named."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise SkuError(f"{where} is {type(value).__name__} {value!r:.40}, expected text")
+    return value.strip()
 
 
 def _as_bool(value, where: str) -> bool:
@@ -193,14 +202,15 @@ def load_forget(source: str) -> ForgetData:
     schema = _require(resolved, records, {"pku": _PKU_COLUMNS, "plain": ("prompt", "response")})
     harmful, safe = [], []
     for index, record in enumerate(records):
-        prompt = _text(record["prompt"])
+        where = f"{resolved}: record {index}"
+        prompt = _text(record["prompt"], f"{where}: prompt")
         if schema == "pku":
-            labelled = [(record[f"response_{i}"], record[f"is_response_{i}_safe"]) for i in (0, 1)]
+            labelled = [(f"response_{i}", record[f"is_response_{i}_safe"]) for i in (0, 1)]
         else:
-            labelled = [(record["response"], record.get("is_safe", False))]
-        for response, is_safe in labelled:
-            pair = Pair(prompt, _text(response), index)
-            is_safe = _as_bool(is_safe, f"{resolved}: record {index}")
+            labelled = [("response", record.get("is_safe", False))]
+        for column, is_safe in labelled:
+            pair = Pair(prompt, _text(record[column], f"{where}: {column}"), index)
+            is_safe = _as_bool(is_safe, where)
             (safe if is_safe else harmful).append(pair)
     harmful = _unique(harmful)
     if not harmful:
@@ -227,12 +237,14 @@ def load_normal(source: str) -> NormalData:
                                           "plain": ("prompt", "response")})
     pairs = []
     for index, record in enumerate(records):
+        where = f"{resolved}: record {index}"
         if schema == "plain":
-            pairs.append(Pair(_text(record["prompt"]), _text(record["response"]), index))
+            pairs.append(Pair(_text(record["prompt"], f"{where}: prompt"),
+                              _text(record["response"], f"{where}: response"), index))
             continue
-        question = _text(record["question"])
+        question = _text(record["question"], f"{where}: question")
         answers = [record["best_answer"], *_answers(record.get("correct_answers"))]
-        pairs.extend(Pair(question, _text(a), index) for a in answers)
+        pairs.extend(Pair(question, _text(a, f"{where}: an answer"), index) for a in answers)
     pairs = _unique(pairs)
     if not pairs:
         raise SkuError(f"{resolved}: no question-answer pairs")

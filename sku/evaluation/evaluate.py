@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sku.data.template import TEMPLATES, Template
 from sku.dtypes import DTYPES, default_device
-from sku.errors import SkuError, refuse_existing
+from sku.errors import SkuError, refuse_existing, refuse_unwritable_folder
 from sku.evaluation.generate import Decoding, generate, load_generator, release
 from sku.evaluation.judges import (
     CATEGORIES,
@@ -323,6 +323,9 @@ def evaluate_run(run_folder: str | Path, out: str | Path, options: EvalOptions) 
     import taskvec
 
     run_folder, out = Path(run_folder), Path(out)
+    refuse_unwritable_folder(out, "the evaluation")
+    if options.original_cache:
+        refuse_unwritable_folder(Path(options.original_cache), "the original model's responses")
     refuse_existing(out / "metrics.json", options.force)
     validate(options)
     validate(options.decoding)

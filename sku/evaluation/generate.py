@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sku.data.template import PAPER, Template
 from sku.dtypes import default_device, resolve_dtype
-from sku.errors import SkuError, cannot_load
+from sku.errors import SkuError, loading
 from sku.log import progress
 from sku.settings import BOOL, INT, NUMBER, POSITIVE_INT, POSITIVE_NUMBER, Check, setting
 
@@ -33,15 +33,13 @@ def load_generator(folder: Path, adapter: Path | None, tokenizer_folder: Path, d
 
     device = default_device()
     dtype = resolve_dtype(dtype_name, device)
-    try:
+    with loading(adapter or folder, "the model"):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         if adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    except (OSError, ValueError) as e:
-        raise cannot_load(adapter or folder, "the model", e) from None
     tokenizer.padding_side = "left"  # generation continues every row from its last token
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

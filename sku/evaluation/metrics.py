@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sku.data.template import PAPER, Template
-from sku.errors import SkuError, cannot_load
+from sku.errors import SkuError, loading
 from sku.log import progress
 
 # The paper's reference LM is "GPT-2 pretrained on Wiki-103", which is not on the hub; OpenAI's
@@ -92,11 +92,9 @@ class ReferenceLM:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = resolve_local(name_or_path, "perplexity model")
-        try:
+        with loading(name_or_path, "it as a causal LM", MetricUnavailable):
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise cannot_load(name_or_path, "it as a causal LM", e, MetricUnavailable) from None
         self.model.to(device).eval()
         self.name, self.device = name_or_path, torch.device(device)
         config = self.model.config
@@ -209,10 +207,8 @@ class Bleurt:
         if missing or unexpected:
             raise MetricUnavailable(f"{folder}: weights do not match a BLEURT model "
                                     f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
-        try:
+        with loading(folder, "its WordPiece tokenizer", MetricUnavailable):
             self.tokenizer = BertTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            raise cannot_load(folder, "its WordPiece tokenizer", e, MetricUnavailable) from None
         self.model = model.to(device).eval()
         self.name, self.device = name_or_path, torch.device(device)
         self.max_length = config.max_position_embeddings

@@ -8,13 +8,13 @@ unlearned harmful rate alone, BLEURT alone), so the paper's own rule may differ 
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
-from sku.errors import SkuError, refuse_existing
+from sku.errors import SkuError, read_text, refuse_existing
 from sku.run import SPLITS, RunFolder
-from taskvec import write_atomic, write_json
+from taskvec import OutputDir, TaskVecError, jsonfile, write_atomic, write_json
 
 METHOD_LABELS = {"ft": "FT", "task_vector": "Task Vector", "ga": "GA",
                  "ga_mismatch": "GA+Mismatch", "sku": "SKU"}
@@ -69,25 +69,61 @@ def degenerate_responses(split: dict) -> dict[str, int]:
     return {"empty": empty_responses(split), "repetitive": split.get("repetitive", 0)}
 
 
-# What a report reads of a metrics.json; a partial file (cut short, or hand-edited) is refused.
-_METRICS_KEYS = {"method": str, "model": str, "run": str, "judge": dict, "decoding": dict,
-                 "perplexity_model": dict, "bleurt_model": dict, "original": dict, "final": dict}
+# What a report reads of a metrics.json, and of what type: a partial file (cut short, or
+# hand-edited) is refused, and so is a field of another type, which would otherwise fail deep
+# inside the tables or figures. A leaf is (test, what it expects); a key ending in "?" may be
+# absent (a metric not computed, a field older evaluations lack).
+def _of(*kinds) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, kinds) and (bool in kinds or not isinstance(v, bool))
 
 
-def _missing_key(metrics) -> str | None:
-    if not isinstance(metrics, dict):
-        return "object"
-    for key, kind in _METRICS_KEYS.items():
-        if not isinstance(metrics.get(key), kind):
-            return key
-    for key in ("name", "prompt_version"):
-        if key not in metrics["judge"]:
-            return f"judge.{key}"
-    for model in ("original", "final"):
-        for split in SPLITS:
-            if not isinstance(metrics[model].get(split, {}), dict):
-                return f"{model}.{split}"
+_TEXT = (_of(str), "text")
+_COUNT = (lambda v: _of(int)(v) and v >= 0, "a count")
+_SCORE = (lambda v: v is None or _of(int, float)(v), "a number or null")
+_SPLIT = {"n?": _COUNT, "empty?": _COUNT, "repetitive?": _COUNT, "tokens?": _COUNT,
+          "harmful?": _COUNT, "perplexity?": _SCORE, "perplexity_mean?": _SCORE,
+          "bleurt?": _SCORE, "harmful_rate?": (
+              lambda v: v is None or _of(int, float)(v) and 0 <= v <= 1, "a rate or null")}
+_MODEL = {"label?": _TEXT, **{f"{split}?": _SPLIT for split in SPLITS}}
+_STEP = {"step": (_of(int), "a step number"), **_MODEL}
+_METRICS = {
+    "method": _TEXT, "model": _TEXT, "run": _TEXT,
+    "judge": {"name": _TEXT, "prompt_version": _TEXT},
+    "decoding": {"do_sample": (_of(bool), "true or false"), "max_new_tokens": _COUNT,
+                 "stop": (lambda v: v is None or _of(str)(v), "text or null"), "template": _TEXT},
+    "perplexity_model": {"model": _TEXT, "conditioning": _TEXT},
+    "bleurt_model": {"model": _TEXT, "pairs": _TEXT},
+    "original": _MODEL, "final": _MODEL,
+    "eps?": (lambda v: v is None or isinstance(v, list) and len(v) == 3
+             and all(map(_of(int, float), v)), "three numbers or null"),
+    "steps?": (lambda v: v is None or isinstance(v, list), "a list of evaluated snapshots"),
+    "not_computed?": (lambda v: isinstance(v, dict) and all(map(_of(str), v.values())),
+                      "reasons by metric")}
+
+
+def _bad_field(value, schema, where: str) -> str | None:
+    """The first field of `value` that `schema` refuses: "no KEY" or "KEY is …, expected …"."""
+    if isinstance(schema, tuple):
+        ok, what = schema
+        return None if ok(value) else f"{where} is {value!r:.40}, expected {what}"
+    if not isinstance(value, dict):
+        return f"{where} is {value!r:.40}, expected an object" if where else "no object"
+    for key, inner in schema.items():
+        name = key.removesuffix("?")
+        path = f"{where}.{name}" if where else name
+        if name not in value:
+            if not key.endswith("?"):
+                return f"no {path}"
+        elif problem := _bad_field(value[name], inner, path):
+            return problem
     return None
+
+
+def _invalid(metrics) -> str | None:
+    problem = _bad_field(metrics, _METRICS, "")
+    for index, step in enumerate(metrics.get("steps") or [] if problem is None else []):
+        problem = problem or _bad_field(step, _STEP, f"steps[{index}]")
+    return problem
 
 
 def load_metrics(path: str | Path) -> dict:
@@ -95,13 +131,12 @@ def load_metrics(path: str | Path) -> dict:
     path = Path(path)
     for candidate in (path, path / "metrics.json", RunFolder(path).eval / "metrics.json"):
         if candidate.is_file():
-            try:
-                metrics = json.loads(candidate.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:  # ValueError: JSON, UTF-8
-                raise SkuError(f"{candidate}: unreadable: {e}") from None
-            missing = _missing_key(metrics)
-            if missing:
-                raise SkuError(f"{candidate}: not an `sku eval` metrics.json (no {missing})")
+            try:  # taskvec's parser: nesting too deep or a key twice is one line too
+                metrics = jsonfile.parse(read_text(candidate), candidate)
+            except TaskVecError as e:
+                raise SkuError(str(e)) from None
+            if problem := _invalid(metrics):
+                raise SkuError(f"{candidate}: not an `sku eval` metrics.json ({problem})")
             metrics["source"] = str(candidate)
             return metrics
     raise SkuError(f"{path}: no metrics.json (run `sku eval --run RUN` first)")
@@ -338,9 +373,28 @@ def render_markdown(rows: list[dict], evaluations: list[dict], ranked: list[str]
 # The command
 
 
+REPORT_FILES = {"report.md", "report.json", "figure3.png", "figure3.pdf", "figure3.json"}
+
+
+def _report_folder(out: Path, force: bool) -> OutputDir:
+    """The report is written whole into a temporary sibling and swapped in (taskvec's
+    OutputDir): an interrupted or failed report leaves the old one, not a mix of old and new
+    files or an empty folder. The swap replaces the whole folder, so one holding anything but
+    a report's files is refused, even with --force."""
+    if out.exists() and not out.is_dir():
+        raise SkuError(f"{out}: is a file, not a report folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [name for name in entries if name not in REPORT_FILES]
+    if foreign:
+        raise SkuError(f"{out}: holds {foreign[0]!r}, which is not a report's file (a report "
+                       "replaces its whole folder); choose another --out")
+    refuse_existing(out, force)
+    return OutputDir(out, force=True)  # an empty folder, or a report that --force replaces
+
+
 def write_report(inputs: list[str | Path], out: str | Path, force: bool = False) -> dict:
     out = Path(out)
-    refuse_existing(out / "report.json", force)
+    folder = _report_folder(out, force)
     if not inputs:
         raise SkuError("sku report: name at least one run or evaluation folder")
     evaluations = [load_metrics(path) for path in inputs]
@@ -356,7 +410,12 @@ def write_report(inputs: list[str | Path], out: str | Path, force: bool = False)
     if len(models) > 1:
         notes.append(f"The evaluations start from different original models ({', '.join(models)});"
                      " the Original row is the first one's.")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with folder as tmp:
+        return _write_report(evaluations, rows, ablations, ranked, notes, tmp)
+
+
+def _write_report(evaluations, rows, ablations, ranked, notes, out: Path) -> dict:
     # Imported here: matplotlib is slow to import and only the figure needs it.
     from sku.evaluation.figures import write_figure3
 

@@ -35,7 +35,9 @@ def draw_others(pool: list[Pair], own: Pair, k: int, rng: random.Random) -> list
         return pool[j].prompt != own.prompt and pool[j].response != own.response
 
     chosen: dict[int, None] = {}
-    for _ in range(20 * k):  # rejection sampling: cheap when most of the pool is eligible
+    # Rejection sampling: cheap when most of the pool is eligible. Bounded by the pool too: a
+    # k of a billion would otherwise spin for hours before the draw below.
+    for _ in range(20 * min(k, len(pool))):
         if len(chosen) == k:
             return list(chosen)
         j = rng.randrange(len(pool))

@@ -149,7 +149,7 @@ def load_recipe(name_or_path: str) -> dict:
     for key, value in recipe.items():  # YAML 1.1 reads `lr: 1e-4` (no dot) as a string
         if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             recipe[key] = float(value)
-    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    unknown = sorted(map(str, set(recipe) - set(RECIPE_KEYS)))  # YAML keys may be numbers
     if unknown:
         raise SkuError(f"{name_or_path}: unknown setting {unknown[0]}; "
                        f"known: {', '.join(RECIPE_KEYS)}")

@@ -8,7 +8,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from sku.errors import SkuError, cannot_load, first_line
+from sku.errors import SkuError, first_line, loading
 
 # Config attributes of architectures whose logits are not plain h·Wᵀ (soft-capping, scaling).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -48,6 +48,18 @@ def _check_plain_head(lm: nn.Module, name: str) -> None:
                            "the fused loss computes plain h·Wᵀ")
 
 
+def _check_lora_rank(model: nn.Module, r: int, targets: list[str]) -> None:
+    """B·A has rank at most min(in, out): a larger r only adds memory, and a huge one (a typo,
+    --lora-r 1e9) fails allocating it with a traceback."""
+    ranks = [min(m.in_features, m.out_features) if hasattr(m, "in_features")
+             else min(m.num_embeddings, m.embedding_dim)
+             for name, m in model.named_modules() if name.split(".")[-1] in targets
+             and (hasattr(m, "in_features") or hasattr(m, "num_embeddings"))]
+    if ranks and r > max(ranks):
+        raise SkuError(f"lora_r {r}: above the rank of every module it would wrap (at most "
+                       f"{max(ranks)}), where a larger adapter adds nothing but memory")
+
+
 def _quantization(kind: str, compute_dtype: torch.dtype):
     if not torch.cuda.is_available():
         raise SkuError(f"--load-in-{kind} needs a CUDA GPU (bitsandbytes); "
@@ -83,12 +95,8 @@ def load_model(config, compute: torch.dtype, params: torch.dtype, device: torch.
     if config.quantize:
         kwargs["quantization_config"] = _quantization(config.quantize, compute)
         kwargs["device_map"] = {"": device}
-    from safetensors import SafetensorError
-
-    try:
+    with loading(config.model, "the model"):  # a damaged checkpoint
         model = AutoModelForCausalLM.from_pretrained(model_source(config.model), **kwargs)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a damaged checkpoint
-        raise cannot_load(config.model, "the model", e) from None
     _check_plain_head(model, config.model)
     model.config.use_cache = False
     if config.gradient_checkpointing:
@@ -107,6 +115,7 @@ def load_model(config, compute: torch.dtype, params: torch.dtype, device: torch.
     if head_name.split(".")[-1] in config.lora_targets:
         raise SkuError(f"lora_targets: {head_name} is the LM head, which the fused loss reads "
                        "directly; target the body's modules")
+    _check_lora_rank(model, config.lora_r, config.lora_targets)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                       target_modules=list(config.lora_targets), lora_dropout=0.0, bias="none",
                       task_type="CAUSAL_LM")

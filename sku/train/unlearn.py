@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -18,7 +17,7 @@ from sku.data.readers import load_forget, load_normal
 from sku.data.splits import hold_out, splits_json, visited_prompts
 from sku.data.template import TEMPLATES
 from sku.dtypes import resolve_dtype
-from sku.errors import SkuError, cannot_load, refuse_existing
+from sku.errors import SkuError, loading, refuse_existing
 from sku.log import main_process_logger
 from sku.run import SPLITS, RunFolder
 from sku.train.batch import StepBuilder, schedule
@@ -36,7 +35,7 @@ from sku.train.loss import TrainingModule
 from sku.train.methods import METHODS, Method
 from sku.train.model import load_model, master_dtype, model_source
 from sku.train.teacher import TeacherMode, cache_teacher
-from taskvec import OutputDir
+from taskvec import OutputDir, jsonfile
 
 logger = main_process_logger(__name__)  # every process runs this code; one speaks
 _VERSIONED = ("sku-unlearn", "torch", "transformers", "peft", "accelerate", "tokenizers",
@@ -58,10 +57,8 @@ def load_tokenizer(name: str):
 
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
         raise SkuError(f"{name}: no such model folder")
-    try:
+    with loading(name, "the tokenizer"):
         return AutoTokenizer.from_pretrained(model_source(name))
-    except (OSError, ValueError) as e:
-        raise cannot_load(name, "the tokenizer", e) from None
 
 
 def base_checkpoint(name: str, *, lora: bool) -> tuple[Path, torch.dtype]:
@@ -78,8 +75,14 @@ def base_checkpoint(name: str, *, lora: bool) -> tuple[Path, torch.dtype]:
             raise SkuError(f"{e} (a LoRA run merges its adapter into this checkpoint)") from None
         if any(folder.glob("*.safetensors")):  # a safetensors checkpoint that is damaged
             raise SkuError(str(e)) from None
-        config = json.loads((folder / "config.json").read_text())
+        path = folder / "config.json"
+        try:
+            config = jsonfile.mapping(jsonfile.load(path), str(path))
+        except taskvec.TaskVecError as error:
+            raise SkuError(str(error)) from None
         dtypes = [config.get("dtype") or config.get("torch_dtype") or "float32"]
+        if not isinstance(getattr(torch, str(dtypes[0]), None), torch.dtype):
+            raise SkuError(f"{path}: dtype {dtypes[0]!r} is not a torch dtype") from None
     if len(dtypes) != 1:
         raise SkuError(f"{folder}: holds {', '.join(dtypes) or 'no'} floating tensors; "
                        "expected one floating dtype")
@@ -119,7 +122,9 @@ def prepare_data(config: UnlearnConfig, method: Method, tokenizer):
         if not pools[kind]:
             raise SkuError(f"{sources[kind]}: no {kind} pairs to train {method.name} on")
     if "mismatch" in active and len({p.prompt for p in pools[method.mismatch_pool]}) < 2:
-        raise SkuError(f"{method.name}: mismatch rows need responses to two prompts or more")
+        source = forget.source if method.mismatch_pool == "forget" else normal.source
+        raise SkuError(f"{source}: {method.name}'s mismatch rows need responses to two prompts "
+                       "or more")
     provenance = {"forget_data": forget.source, "normal_data": normal.source,
                   "pool_sizes": {kind: len(pairs) for kind, pairs in pools.items()}}
     return pools, splits, provenance

@@ -221,6 +221,10 @@ def test_a_second_unlearn_on_a_run_folder_in_use_is_refused(tiny_llama, tmp_path
     ("scale: abc\n", [], "scale 'abc'"),
     (None, ["--weight-decay", "-1"], "weight_decay -1.0"),
     (b"seed: \xff\xfe\n", [], "not UTF-8"),
+    (None, ["--seed", str(2**64)], f"seed {2**64}: an integer (of 64 bits)"),  # torch's
+    (f"max_steps: {10**30}\n", [], f"max_steps {10**30}"),
+    (f"lr: {10**400}\n", [], "lr 1000"),  # math.isfinite raises OverflowError on it
+    ("1: 2\nfoo: 3\n", [], "unknown setting 1"),  # YAML keys of two types
 ])
 def test_every_setting_is_refused_before_anything_starts(tiny_llama, tmp_path, recipe, flags,
                                                          needle):
@@ -291,8 +295,9 @@ def test_inputs_that_are_not_utf8_are_one_line(tmp_path):
 
 @pytest.mark.parametrize(("text", "needle"), [
     ('{"method": "sku", "final": {}}', "no model"),  # partial: written by hand, or old
-    ('{"method": "sku", "final": {', "unreadable"),  # cut short
-    (b'{"method": "\xff"}', "unreadable"),
+    ('{"method": "sku", "final": {', "not valid JSON"),  # cut short
+    (b'{"method": "\xff"}', "not UTF-8"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # json's RecursionError
 ])
 def test_report_on_a_partial_metrics_json_is_one_line(tmp_path, text, needle):
     metrics = tmp_path / "eval" / "metrics.json"
@@ -474,7 +479,6 @@ def test_an_empty_path_or_name_is_refused_as_empty(tmp_path, args, needle):
     assert list(tmp_path.iterdir()) == []
 
 
-
 @pytest.mark.parametrize("handled", [False, True])
 def test_a_ctrl_c_inside_pyrun_string_code_still_exits_130_once_handled(handled, tmp_path):
     """CPython remembers a KeyboardInterrupt raised in code run through PyRun_String (as
@@ -496,3 +500,179 @@ def test_a_ctrl_c_inside_pyrun_string_code_still_exits_130_once_handled(handled,
     proc = subprocess.run([sys.executable, "-m", "interrupted"], capture_output=True, text=True,
                           env=env)
     assert proc.returncode == (130 if handled else -signal.SIGINT), proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not regular files: a FIFO is refused without a read that would block
+
+
+@pytest.mark.parametrize("where", ["input", "word list", "few-shot", "forget data"])
+def test_a_fifo_in_place_of_a_file_is_refused_without_waiting(tiny_llama, tmp_path, where):
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)  # no writer ever opens it: a read would wait forever
+    rows = tmp_path / "rows.jsonl"
+    write_rows(rows, 1)
+    judge = ["judge", "--input", str(rows), "--out", str(tmp_path / "v.jsonl"), "--judge"]
+    args = {"input": ["judge", "--input", str(fifo), "--out", str(tmp_path / "v.jsonl"),
+                      "--judge", "keyword"],
+            "word list": [*judge, "keyword", "--judge-model", str(fifo)],
+            "few-shot": [*judge, "openai", "--judge-model", "m", "--few-shot", str(fifo),
+                         "--base-url", "http://127.0.0.1:9/v1"],
+            "forget data": [*_required(tiny_llama, tmp_path / "run")]}[where]
+    if where == "forget data":
+        args[args.index(str(PKU_V1))] = str(fifo)
+    assert_sku_error(run_sku(*args, timeout=60), str(fifo), "not a regular file",
+                     only_line=False)
+
+
+def test_a_k_larger_than_the_pool_draws_every_eligible_row_at_once(tiny_llama, tmp_path):
+    """k is how many other responses each row is pulled away from; a k over the pool's size
+    takes them all (it spun through 20·k rejected draws before)."""
+    proc = run_sku(*_required(tiny_llama, tmp_path / "run"), "--max-steps", "1",
+                   "--eval-size", "1", "--k", str(10**9), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("config", ["[1]", '{"model_type": 5}', '{"model_type": "llama", '
+                                    '"hidden_size": "wide"}'])
+def test_a_model_config_of_the_wrong_shape_is_one_line(tiny_llama, tmp_path, config):
+    """transformers raises TypeError, AttributeError or KeyError on these, not only OSError
+    and ValueError: every load of a user's model is wrapped the same way (sku.errors.loading)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "config.json").write_text(config)
+    assert_sku_error(run_sku(*unlearn_args("sku", model, tmp_path / "run")), str(model),
+                     "cannot load", only_line=False)  # transformers may warn first
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("prompt", 7, "record 1: prompt is int 7, expected text"),
+    ("response_0", ["a", "list"], "record 1: response_0 is list"),
+])
+def test_a_text_field_of_another_type_is_named_not_dropped(tiny_llama, tmp_path, field, value,
+                                                          needle):
+    """A number where a prompt or response belongs is a broken file: its pairs were dropped
+    silently with the empty ones, and the run went on without them. null is still an empty
+    text (the pair is dropped)."""
+    rows = [json.loads(line) for line in PKU_V1.read_text().splitlines()]
+    rows[0]["response_1"] = None
+    rows[1][field] = value
+    data = tmp_path / "pku.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = _required(tiny_llama, tmp_path / "run")
+    args[args.index(str(PKU_V1))] = str(data)
+    assert_sku_error(run_sku(*args), str(data), needle)
+    rows[1][field] = "text again"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_forget(str(data)).harmful) > 0
+
+
+def test_forget_data_too_small_for_mismatch_rows_is_named(tiny_llama, tmp_path):
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    args = _required(tiny_llama, tmp_path / "run")
+    args[args.index(str(PKU_V1))] = str(data)
+    assert_sku_error(run_sku(*args), str(data), "mismatch rows need responses to two prompts",
+                     only_line=False)
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda m: m["final"]["unlearned_harmful"].update(harmful_rate="high"),
+     "final.unlearned_harmful.harmful_rate is 'high', expected a rate"),
+    (lambda m: m.update(eps=[1.0]), "eps is [1.0], expected three numbers"),
+    (lambda m: m["judge"].update(name=7), "judge.name is 7, expected text"),
+    (lambda m: m.update(steps={"step": 1}), "steps is {'step': 1}"),
+    (lambda m: m.update(steps=[{"normal": {}}]), "no steps[0].step"),
+    (lambda m: m["final"]["normal"].update(n="2"), "final.normal.n is '2', expected a count"),
+    (lambda m: m["decoding"].pop("template"), "no decoding.template"),
+])
+def test_report_on_a_metrics_field_of_the_wrong_type_is_one_line(tmp_path, edit, needle):
+    """Each of these passed the old check of the top-level keys and failed deep in the tables
+    or the figure (ValueError, TypeError, a zip of unequal lengths)."""
+    fixture = Path(__file__).parents[1] / "fixtures" / "eval" / "runs" / "sku" / "eval"
+    metrics = json.loads((fixture / "metrics.json").read_text())
+    edit(metrics)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    proc = run_sku("report", str(tmp_path / "eval"), "--out", str(tmp_path / "report"))
+    assert_sku_error(proc, str(tmp_path / "eval" / "metrics.json"), needle)
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_lora_rank_above_every_wrapped_module_is_one_line(tiny_llama, tmp_path):
+    """--lora-r 1e9 failed allocating the adapter (RuntimeError, a traceback); any r above
+    min(in, out) of every wrapped module adds nothing, so it is refused."""
+    for r in ("1000000000", "33"):  # the tiny Llama's q_proj is 32×32, v_proj 32×16
+        assert_sku_error(run_sku(*unlearn_args("sku", tiny_llama, tmp_path / "run", "--lora",
+                                               "--lora-r", r)),
+                         f"lora_r {r}: above the rank", "at most 32", only_line=False)
+        assert not (tmp_path / "run").exists()
+
+
+def _report_renames(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if "rename" in line and "=" in line]
+
+
+def test_a_failed_forced_report_keeps_the_old_report_whole(tmp_path):
+    """The report's files were each written in place: a failure (here EIO, injected by strace
+    at the rename that puts report.md in place) after the figures left new figures beside
+    the old report.md and report.json. It is now written whole and swapped in."""
+    runs = Path(__file__).parents[1] / "fixtures" / "eval" / "runs"
+    out = tmp_path / "report"
+    command = [sys.executable, "-m", "sku", "report", str(runs / "sku"), str(runs / "ga"),
+               "--out", str(out), "--force"]
+    assert run_sku(*command[3:]).returncode == 0
+    log = tmp_path / "strace.log"
+    trace = ["strace", "-f", "-qq", "-o", str(log), "-e", "trace=rename,renameat,renameat2"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    dry = subprocess.run([*trace, *command], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    calls = _report_renames(log)
+    when = 1 + next(i for i, call in enumerate(calls) if "report.md" in call)
+    old = {p.name: p.read_bytes() for p in out.iterdir()}  # as the dry run left it
+    proc = subprocess.run([*trace, "-e", f"inject=rename,renameat,renameat2:error=EIO:"
+                           f"when={when}", *command], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert_sku_error(proc, "report.md", only_line=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "strace.log"]
+
+
+def test_a_report_folder_holding_other_files_is_refused_and_kept(tmp_path):
+    """A report replaces its whole folder, so `--out .` or a folder of notes is refused, even
+    with --force, rather than swapped away."""
+    runs = Path(__file__).parents[1] / "fixtures" / "eval" / "runs"
+    (tmp_path / "notes.txt").write_text("mine\n")
+    for force in ((), ("--force",)):
+        assert_sku_error(run_sku("report", str(runs / "sku"), "--out", str(tmp_path), *force),
+                         str(tmp_path), "'notes.txt'", "not a report's file")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("verdict", [
+    {"harmful": "false", "category": "g", "reason": "r", "judge": "openai:m"},  # truthy text
+    {"harmful": False, "category": "z", "reason": "r", "judge": "openai:m"},
+    {"harmful": True, "category": "a", "reason": None, "judge": "openai:m"},
+])
+def test_a_cache_line_of_the_wrong_types_is_asked_again_not_used(tmp_path, monkeypatch,
+                                                                verdict):
+    """An edited cache line was taken as a verdict: "harmful": "false" counted as harmful,
+    written to the output as a string, then a traceback summing them."""
+    from sku.evaluation.judges import cache_key
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = FakeOpenAI()
+    try:
+        cache = tmp_path / "cache.jsonl"
+        rows = write_rows(tmp_path / "in.jsonl", 5)
+        key = cache_key("openai:m", rows[0]["prompt"], rows[0]["response"])
+        cache.write_text(json.dumps({"key": key, "verdict": verdict}) + "\n")
+        proc = _judge(tmp_path, server.url, cache)
+        assert proc.returncode == 0, proc.stderr
+        assert "5 judged now" in proc.stdout and len(server.requests) == 5
+        out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+        assert all(isinstance(row["harmful"], bool) for row in out)
+    finally:
+        server.close()

@@ -163,7 +163,7 @@ def test_forced_swap_survives_a_fault_at_each_step(pair, dry_runs, tmp_path, sce
         assert proc.returncode != 0
         assert not out.exists()  # killed with the old output moved aside: the journal
     elif outcome == "replaced, interrupted":
-        assert proc.returncode == 130, proc.stderr
+        assert proc.returncode == 143, proc.stderr  # SIGTERM: 128 + 15
         assert_one_line(proc.stderr, f"interrupted after {out} was written in full")
         assert _is_new(pair, out)
     else:

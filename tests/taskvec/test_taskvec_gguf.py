@@ -4,6 +4,8 @@ folder named by the file's hash, exactly the tensors of the model it was written
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,18 @@ def test_a_bad_gguf_file_is_one_line(written, tmp_path, cache, content):
     proc = run_cli("info", bad, env=cli_env(TASKVEC_CACHE=str(cache)))
     assert_cli_error(proc, str(bad))
     assert not (cache / "gguf").exists() or not any((cache / "gguf").iterdir())
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_is_ignored(written, tmp_path, xdg):
+    """XDG_CACHE_HOME="" made the cache `./taskvec/` in whatever folder a run started in."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    root = str(Path(__file__).parents[2])  # this checkout, though the run starts elsewhere
+    env = {k: v for k, v in cli_env(XDG_CACHE_HOME=xdg, HOME=str(home), PYTHONPATH=root).items()
+           if k != "TASKVEC_CACHE"}
+    proc = subprocess.run([sys.executable, "-m", "taskvec", "info", str(written[0])], cwd=work,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert list(work.iterdir()) == []
+    assert any((home / ".cache" / "taskvec" / "gguf").iterdir())

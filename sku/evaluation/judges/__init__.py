@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sku.errors import SkuError, read_text
 from sku.evaluation.judges.batch import judge_pairs
 from sku.evaluation.judges.cache import VerdictCache, cache_key
 from sku.evaluation.judges.encoder import EncoderJudge
@@ -50,9 +51,10 @@ __all__ = ["CATEGORIES", "HARMFUL_CATEGORIES", "JUDGES", "PROMPT_VERSION", "Enco
 def read_words(path: str | Path) -> list[str]:
     """A word list: one word or phrase per line; blank lines and `#` comments skipped."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise JudgeError(f"{path}: cannot read the keyword judge's word list ({e})") from None
+        lines = read_text(Path(path)).splitlines()
+    except SkuError as e:
+        raise JudgeError(f"{path}: cannot read the keyword judge's word list "
+                         f"({str(e).removeprefix(f'{path}: ')})") from None
     return [word for line in lines if (word := line.split("#", 1)[0].strip())]
 
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from sku.errors import SkuError, cannot_load
+from sku.errors import loading
 from sku.evaluation.judges.parse import parse_guard, parse_verdict
 from sku.evaluation.judges.prompt import Example, build_messages, build_text, examples_tag
 from sku.evaluation.judges.verdict import JudgeError, UnreadableReply, Verdict
@@ -58,11 +58,10 @@ class LocalJudge:
 
         try:
             self.folder = taskvec.resolve(model, "judge model")
-            self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         except taskvec.TaskVecError as e:
             raise JudgeError(str(e)) from None
-        except (OSError, ValueError) as e:
-            raise cannot_load(model, "the judge's tokenizer", e, JudgeError) from None
+        with loading(model, "the judge's tokenizer", JudgeError):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         template = self.tokenizer.chat_template
         if style is None:
             style = "llamaguard" if template and _GUARD_TEMPLATE.search(template) else "fewshot"
@@ -177,9 +176,5 @@ class LocalJudge:
         from sku.evaluation.generate import load_generator
 
         log.info("loading the judge model %s", self.folder)
-        try:
+        with loading(self.folder, "the judge model", JudgeError):
             self.model, self.tokenizer = load_generator(self.folder, None, self.folder, "auto")
-        except SkuError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a damaged file: safetensors' or torch's error
-            raise cannot_load(self.folder, "the judge model", e, JudgeError) from None

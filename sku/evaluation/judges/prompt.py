@@ -9,6 +9,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from sku.errors import SkuError, read_text
 from sku.evaluation.judges.verdict import CATEGORIES, HARMFUL_CATEGORIES, JudgeError
 
 PROMPT_VERSION = "table3-fewshot-v1"  # part of every cache key: change it when the prompt changes
@@ -118,9 +119,10 @@ def read_examples(path: str | Path) -> list[Example]:
     A missing explanation becomes the kind's definition. Raises JudgeError naming the file and
     line of the first bad one."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise JudgeError(f"{path}: cannot read the few-shot examples ({e})") from None
+        lines = read_text(Path(path)).splitlines()
+    except SkuError as e:
+        raise JudgeError(f"{path}: cannot read the few-shot examples "
+                         f"({str(e).removeprefix(f'{path}: ')})") from None
     examples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -38,3 +38,11 @@ class Verdict:
     category: str | None  # a–g; None when a reply gave harmfulness without a category
     reason: str
     judge: str  # "keyword" or "openai:MODEL", so every number can name what produced it
+
+    def __post_init__(self):
+        # A verdict also comes back from the cache file, which anyone can edit: "harmful":
+        # "false" is truthy and would be counted harmful. TypeError: the cache skips the line.
+        if not (isinstance(self.harmful, bool) and isinstance(self.reason, str)
+                and isinstance(self.judge, str)
+                and (self.category is None or self.category in CATEGORIES)):
+            raise TypeError(f"not a verdict: {self!r:.200}")
