@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from sku.errors import SkuError
 from sku.evaluation.judges import JudgeError, make_judge
 from sku.evaluation.judges.encoder import HEAD, MINILM, Encoder, EncoderJudge
 from tests.support.sku import run_sku
@@ -128,6 +129,9 @@ def test_a_damaged_head_a_folder_without_a_model_or_few_shot_examples_are_one_li
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(JudgeError, match="head.safetensors: cannot load the judge head"):
         EncoderJudge(str(tmp_path), head=bad)
+    with pytest.raises(SkuError, match="config.json: cannot read: No such file"):
+        EncoderJudge(str(tmp_path))
+    (tmp_path / "config.json").write_text("[384]")  # JSON, but not a model config
     with pytest.raises(JudgeError, match="config.json: cannot load the encoder judge's model "
                                          "config"):
         EncoderJudge(str(tmp_path))

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from sku.errors import cannot_load
+from sku.errors import loading, read_text
 from sku.evaluation.judges.keyword import KeywordJudge
 from sku.evaluation.judges.verdict import HARMFUL_CATEGORIES, JudgeError, Verdict
 from sku.wheelfiles import WheelFiles
@@ -41,11 +41,9 @@ class Encoder:
     def __init__(self, folder: str | Path):
         from transformers import AutoModel, AutoTokenizer
 
-        try:
+        with loading(folder, "the sentence encoder", JudgeError):
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
             self.model = AutoModel.from_pretrained(folder).eval()
-        except (OSError, ValueError) as e:
-            raise cannot_load(folder, "the sentence encoder", e, JudgeError) from None
         self.dim = self.model.config.hidden_size
 
     def __call__(self, texts: Sequence[str]):
@@ -93,15 +91,12 @@ class EncoderJudge:
     remote = False
 
     def __init__(self, model: str | None = None, head: Path = HEAD):
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        try:
+        with loading(head, "the judge head", JudgeError):
             tensors = load_file(head)
-        except (OSError, SafetensorError, KeyError) as e:
-            raise cannot_load(head, "the judge head", e, JudgeError) from None
-        self.weight, self.bias, self.threshold = (tensors["weight"], tensors["bias"],
-                                                  float(tensors["threshold"]))
+            self.weight, self.bias, self.threshold = (tensors["weight"], tensors["bias"],
+                                                      float(tensors["threshold"]))
         # Named by its numbers, not its file: cached verdicts stay valid when only the
         # metadata (the training record) changes.
         digest = hashlib.sha256(b"".join(tensors[k].numpy().tobytes() for k in sorted(tensors)))
@@ -110,11 +105,8 @@ class EncoderJudge:
         # loaded at the first pair not in the cache, so that a cached rerun never loads it.
         self.folder = Path(model) if model else MINILM.fetch()
         config = self.folder / "config.json"
-        try:
-            width = json.loads(config.read_text(encoding="utf-8"))["hidden_size"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise cannot_load(config, "the encoder judge's model config", e, JudgeError) \
-                from None
+        with loading(config, "the encoder judge's model config", JudgeError):
+            width = int(json.loads(read_text(config))["hidden_size"])
         if width + 1 + len(KINDS) != self.weight.shape[1]:
             raise JudgeError(f"{self.folder}: an encoder of {width} dimensions; the judge "
                              "head was trained on all-MiniLM-L6-v2's 384")
@@ -128,7 +120,8 @@ class EncoderJudge:
         out = []
         for row, p in zip(logits, harmful_probability(logits).tolist(), strict=True):
             harmful = p >= self.threshold
-            side = range(3) if harmful else range(3, len(KINDS))
+            harmful_kinds = len(HARMFUL_CATEGORIES)  # a, b, c come first in KINDS
+            side = range(harmful_kinds) if harmful else range(harmful_kinds, len(KINDS))
             kind = KINDS[max(side, key=lambda k: row[k])]
             out.append(Verdict(harmful, kind, f"P(harmful) = {p:.2f}", self.name))
         return out
